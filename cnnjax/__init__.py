@@ -1,0 +1,3 @@
+"""cnnjax: a JAX functional CNN library."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,158 @@
+"""Canonicalize user arguments once, at the boundary of every public op.
+
+Past these helpers every value is a tuple of ints, a ``Layout`` or a tuple of ``(lo, hi)``
+pairs; nothing below re-parses user input. Errors name the op, the argument, the rule and
+the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from cnnjax.shapes import PADDING_STRINGS, check_positive, resolve_padding
+
+_SPATIAL_LETTERS = {1: "W", 2: "HW", 3: "DHW"}
+_NAMED_LAYOUTS = {
+    "NWC": (True, 1),
+    "NHWC": (True, None),
+    "NDHWC": (True, 3),
+    "NCW": (False, 1),
+    "NCHW": (False, None),
+    "NCDHW": (False, 3),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where the channel axis is, and how many spatial dims there are.
+
+    ``"NHWC"``/``"NCHW"`` mean channels-last/-first for any spatial rank (taken from the
+    input's rank); ``"NWC"``, ``"NCW"``, ``"NDHWC"``, ``"NCDHW"`` also fix the rank.
+    """
+
+    channels_last: bool
+    spatial_rank: int
+
+    @property
+    def lhs(self) -> str:
+        sp = _SPATIAL_LETTERS[self.spatial_rank]
+        return f"N{sp}C" if self.channels_last else f"NC{sp}"
+
+    @property
+    def rhs(self) -> str:
+        sp = _SPATIAL_LETTERS[self.spatial_rank]
+        return f"{sp}IO" if self.channels_last else f"OI{sp}"
+
+    @property
+    def dimension_numbers(self) -> tuple[str, str, str]:
+        return (self.lhs, self.rhs, self.lhs)
+
+    @property
+    def channel_axis(self) -> int:
+        return self.spatial_rank + 1 if self.channels_last else 1
+
+    @property
+    def spatial_axes(self) -> tuple[int, ...]:
+        first = 1 if self.channels_last else 2
+        return tuple(range(first, first + self.spatial_rank))
+
+    @property
+    def kernel_spatial_axes(self) -> tuple[int, ...]:
+        return tuple(range(self.spatial_rank)) if self.channels_last else tuple(range(2, 2 + self.spatial_rank))
+
+    @property
+    def kernel_in_axis(self) -> int:
+        return self.spatial_rank if self.channels_last else 1
+
+    @property
+    def kernel_out_axis(self) -> int:
+        return self.spatial_rank + 1 if self.channels_last else 0
+
+    def spatial(self, shape: Sequence[int]) -> tuple[int, ...]:
+        return tuple(shape[a] for a in self.spatial_axes)
+
+    def channels(self, shape: Sequence[int]) -> int:
+        return shape[self.channel_axis]
+
+    def shape(self, batch: int, spatial: Sequence[int], channels: int) -> tuple[int, ...]:
+        """Array shape ``(N, *spatial, C)`` or ``(N, C, *spatial)``."""
+        if self.channels_last:
+            return (batch, *spatial, channels)
+        return (batch, channels, *spatial)
+
+    def window(self, spatial: Sequence[int], fill: int = 1) -> tuple[int, ...]:
+        """A full-rank window/stride tuple with ``fill`` on the batch and channel axes."""
+        if self.channels_last:
+            return (fill, *spatial, fill)
+        return (fill, fill, *spatial)
+
+
+def layout_of(x, layout, op: str, arg: str = "x") -> Layout:
+    """Check ``x`` is batched with a spatial rank of 1 to 3 and return its ``Layout``."""
+    if not isinstance(layout, str) or layout.upper() not in _NAMED_LAYOUTS:
+        raise ValueError(f"{op}: layout={layout!r} is not one of {tuple(_NAMED_LAYOUTS)}")
+    channels_last, rank = _NAMED_LAYOUTS[layout.upper()]
+    ndim = jnp.ndim(x)
+    if rank is None:
+        if not 3 <= ndim <= 5:
+            raise ValueError(
+                f"{op}: {arg} must be batched with 1 to 3 spatial dims (rank 3 to 5) in layout {layout!r}, "
+                f"got rank {ndim} with shape {jnp.shape(x)}"
+            )
+        rank = ndim - 2
+    elif ndim != rank + 2:
+        raise ValueError(f"{op}: {arg} must have rank {rank + 2} in layout {layout!r}, got shape {jnp.shape(x)}")
+    return Layout(channels_last, rank)
+
+
+def canonicalize_tuple(value, n: int, name: str, op: str, minimum: int = 1) -> tuple[int, ...]:
+    """An int or a length-``n`` sequence of ints -> a length-``n`` tuple of ints >= ``minimum``."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        if len(value) != n:
+            raise ValueError(f"{op}: {name}={tuple(value)!r} must have one entry per spatial dim ({n})")
+        return tuple(check_positive(v, name, op, minimum) for v in value)
+    return (check_positive(value, name, op, minimum),) * n
+
+
+def canonicalize_padding(padding, n: int, op: str):
+    """A padding string (upper-cased) or a tuple of ``n`` ``(lo, hi)`` pairs.
+
+    Accepts a string, an int (every side), a flat sequence of ``n`` ints (one per dim) or a
+    sequence of ``n`` ``(lo, hi)`` pairs. A flat sequence always means one int per dim.
+    """
+    if isinstance(padding, str):
+        mode = padding.upper()
+        if mode not in PADDING_STRINGS:
+            raise ValueError(f"{op}: padding={padding!r} is not one of {PADDING_STRINGS}, an int or (lo, hi) pairs")
+        return "SAME" if mode == "SAME_UPPER" else mode
+    if isinstance(padding, Sequence):
+        if len(padding) != n:
+            raise ValueError(f"{op}: padding={padding!r} must have one entry per spatial dim ({n})")
+        if all(isinstance(p, Sequence) for p in padding):
+            if any(len(p) != 2 for p in padding):
+                raise ValueError(f"{op}: padding={padding!r} must hold (lo, hi) pairs")
+            return tuple(resolve_padding(tuple(p), 1, 1, op=op) for p in padding)
+        return tuple(resolve_padding(p, 1, 1, op=op) for p in padding)
+    p = resolve_padding(padding, 1, 1, op=op)
+    return (p,) * n
+
+
+def padding_pairs(padding, sizes, window, strides, dilation, op: str) -> tuple[tuple[int, int], ...]:
+    """Resolve canonical padding to explicit ``(lo, hi)`` pairs for these input sizes."""
+    if isinstance(padding, str):
+        return tuple(
+            resolve_padding(padding, n, k, s, d, op)
+            for n, k, s, d in zip(sizes, window, strides, dilation, strict=True)
+        )
+    return padding
+
+
+def require_float(x, op: str, arg: str = "x") -> None:
+    """Raise ``TypeError`` unless ``x`` has a floating (or complex) dtype."""
+    dtype = jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        raise TypeError(f"{op}: {arg} must be floating point, got dtype {np.dtype(dtype).name}")
