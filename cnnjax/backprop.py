@@ -1,0 +1,829 @@
+"""The notes' closed-form gradients (notes 002, 反向传播 and Pooling池化操作的反向梯度传播), as code.
+
+Each function returns what ``jax.vjp`` of the matching forward op returns (to float tolerance),
+but is written from the notes' formulas, never by calling ``jax.vjp`` or ``jax.grad``:
+
+- conv input gradient: ``delta_l = pad(dilate(delta_{l+1}, s)) (*) rot180(W)``, the kernel's
+  input and output channels swapped. The zeros that dilation by the stride inserts are skipped:
+  input phase ``r`` (positions ``q*s + r``) meets only the kernel taps ``a`` with
+  ``r + lo - a*d = 0 (mod s)``, so it is a stride-1 correlation of ``delta`` with those taps,
+  rotated; the phases are then interleaved.
+- conv kernel gradient: ``dW[a] = sum_{n, x} delta[n, x] * X_pad[n, x*s + a*d]``, i.e. the
+  notes' ``dW = delta (*) a_{l-1}``: a correlation of the input with ``delta`` as the kernel.
+- bias gradient: ``db = sum delta`` over batch and space.
+- mean (sum) pooling: each output's gradient is split evenly over (copied to) its window.
+- max pooling: each output's gradient goes to the "max id" recorded in the forward pass, the
+  first maximum of the window in scan (row-major) order, which is XLA's and PyTorch's tie rule;
+  no ``select_and_scatter``.
+- dense layers: ``dW = a_{l-1}^T delta_l``, ``db = sum delta_l``,
+  ``delta_l = (delta_{l+1} W_{l+1}^T) * sigma'(z_l)``.
+
+Windows are read as one strided slice per tap; gradients are written back per output phase, the
+same decomposition as the conv input gradient (``_overlap_add``).
+
+``conv_closed_form``, ``max_pool_closed_form`` and ``sum_pool_closed_form`` install these rules
+as a ``jax.custom_vjp`` for ``conv(..., vjp="closed_form")`` and the pools; they take canonical
+arguments (tuples, ``(lo, hi)`` pairs, a ``Layout``) from ``cnnjax.convolution`` and
+``cnnjax.pooling``. The rules are built of differentiable ops, so reverse mode works to any order
+(``jax.grad`` of ``jax.grad``). Forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``)
+through a ``custom_vjp`` raises JAX's ``TypeError`` ("can't apply forward-mode autodiff (jvp) to
+a custom_vjp function"): use ``vjp="xla"`` there. The public gradient functions below are plain
+functions and support both modes.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from cnnjax._canon import Layout, canonicalize_padding, canonicalize_tuple, layout_of, padding_pairs, require_float
+from cnnjax.shapes import check_positive, conv_output_size
+
+__all__ = [
+    "VJP_MODES",
+    "avg_pool_grad",
+    "conv_bias_grad",
+    "conv_closed_form",
+    "conv_input_grad",
+    "conv_kernel_grad",
+    "dense_backward",
+    "dense_grads",
+    "max_pool_closed_form",
+    "max_pool_grad",
+    "resolve_vjp",
+    "sum_pool_closed_form",
+]
+
+VJP_MODES = ("auto", "xla", "closed_form")
+
+# What vjp="auto" means, per backend and op, from experiments/bench_backprop.py (README table).
+# CPU: the closed forms were faster on every layer of the table (jax 0.10.2, 2 cores).
+# GPU/TPU: not measured (no such device was available), so JAX's autodiff until someone does.
+_AUTO = {
+    "cpu": {"conv": "closed_form", "max_pool": "closed_form", "avg_pool": "closed_form", "sum_pool": "closed_form"},
+    "gpu": {"conv": "xla", "max_pool": "xla", "avg_pool": "xla", "sum_pool": "xla"},
+    "tpu": {"conv": "xla", "max_pool": "xla", "avg_pool": "xla", "sum_pool": "xla"},
+}
+
+
+def resolve_vjp(vjp, op: str) -> str:
+    """Validate a ``vjp=`` flag; resolve ``"auto"`` for JAX's default backend.
+
+    ``op`` names the op (``"conv"``, ``"max_pool"``, ``"avg_pool"``, ``"sum_pool"``); an op or a
+    backend without a measured choice resolves to ``"xla"``.
+
+    >>> resolve_vjp("xla", "conv"), resolve_vjp("closed_form", "max_pool")
+    ('xla', 'closed_form')
+    """
+    if not isinstance(vjp, str) or vjp not in VJP_MODES:
+        raise ValueError(f"{op}: vjp={vjp!r} is not one of {VJP_MODES}")
+    if vjp != "auto":
+        return vjp
+    return _AUTO.get(jax.default_backend(), {}).get(op, "xla")
+
+
+# ---------------------------------------------------------------------------------------------
+# Plumbing shared by every rule: padding, one strided slice per window tap, kernel views, and the
+# adjoint of reading windows (writing them back per output phase).
+
+
+def _taps(window: Sequence[int]):
+    """Window offsets in scan (row-major) order."""
+    return itertools.product(*(range(k) for k in window))
+
+
+def _pad_spatial(x, pairs, value, layout: Layout):
+    """Pad (negative pads crop) the spatial axes by ``(lo, hi)`` pairs with ``value``."""
+    x = jnp.asarray(x)
+    config = [(0, 0, 0)] * x.ndim
+    for axis, (lo, hi) in zip(layout.spatial_axes, pairs, strict=True):
+        config[axis] = (lo, hi, 0)
+    return lax.pad(x, jnp.asarray(value, x.dtype), config)
+
+
+def _strided_slice(x, start, count, strides, layout: Layout):
+    """``x[..., start + j*s, ...]`` for ``j < count`` along each spatial axis."""
+    starts, limits, steps = [0] * x.ndim, list(x.shape), [1] * x.ndim
+    for axis, b, c, s in zip(layout.spatial_axes, start, count, strides, strict=True):
+        starts[axis], limits[axis], steps[axis] = b, b + (c - 1) * s + 1, s
+    return lax.slice(x, starts, limits, steps)
+
+
+def _tap_slices(xp, window, strides, dilation, layout: Layout, out=None):
+    """For each window tap ``a`` in scan order, ``xp[..., a*d + j*s, ...]``: the input under tap
+    ``a`` of every window (``out`` windows per dim; default: all that fit in ``xp``)."""
+    if out is None:
+        out = [
+            conv_output_size(m, k, s, 0, d)
+            for m, k, s, d in zip(layout.spatial(xp.shape), window, strides, dilation, strict=True)
+        ]
+    return [
+        _strided_slice(xp, [a * d for a, d in zip(tap, dilation, strict=True)], out, strides, layout)
+        for tap in _taps(window)
+    ]
+
+
+def _split_channels(x, groups: int, layout: Layout):
+    """View the channel axis ``c`` as ``(groups, C // groups)``; returns ``(array, c, spatial axes)``."""
+    c = layout.channel_axis
+    shape = (*x.shape[:c], groups, x.shape[c] // groups, *x.shape[c + 1 :])
+    return x.reshape(shape), c, tuple(a + (a > c) for a in layout.spatial_axes)
+
+
+def _merge_channels(x, layout: Layout):
+    """Inverse of ``_split_channels``."""
+    c = layout.channel_axis
+    return x.reshape(*x.shape[:c], x.shape[c] * x.shape[c + 1], *x.shape[c + 2 :])
+
+
+def _kernel_window(kernel_shape, layout: Layout) -> tuple[int, ...]:
+    return tuple(kernel_shape[a] for a in layout.kernel_spatial_axes)
+
+
+def _kernel_to_groups(kernel, groups: int, layout: Layout):
+    """A layout kernel (HWIO or OIHW) as ``(*window, G, C_in/G, C_out/G)``."""
+    n = layout.spatial_rank
+    if layout.channels_last:
+        *window, cig, cout = kernel.shape
+        return jnp.moveaxis(kernel.reshape(*window, cig, groups, cout // groups), n, n + 1)
+    cout, cig, *window = kernel.shape
+    return jnp.transpose(kernel.reshape(groups, cout // groups, cig, *window), (*range(3, 3 + n), 0, 2, 1))
+
+
+def _kernel_from_groups(kernel, layout: Layout):
+    """Inverse of ``_kernel_to_groups``."""
+    n = layout.spatial_rank
+    *window, groups, cig, cog = kernel.shape
+    if layout.channels_last:
+        return jnp.moveaxis(kernel, n, n + 1).reshape(*window, cig, groups * cog)
+    return jnp.transpose(kernel, (n, n + 2, n + 1, *range(n))).reshape(groups * cog, cig, *window)
+
+
+def _interleave(phases, strides, size, layout: Layout):
+    """``out[q*s + r] = phases[r][q]``, cropped to ``size``; ``phases`` in ``_taps(strides)`` order."""
+    n = layout.spatial_rank
+    first = phases[0]
+    if len(phases) > 1:
+        stacked = jnp.stack(phases).reshape(*strides, *first.shape)
+        perm, shape = [], []
+        for axis in range(first.ndim):
+            perm.append(n + axis)
+            shape.append(first.shape[axis])
+            if axis in layout.spatial_axes:
+                i = layout.spatial_axes.index(axis)
+                perm.append(i)
+                shape[-1] *= strides[i]
+        first = jnp.transpose(stacked, perm).reshape(shape)
+    return _strided_slice(first, (0,) * n, size, (1,) * n, layout)
+
+
+def _phase_taps(r: int, k: int, s: int, d: int, lo: int) -> list[tuple[int, int]]:
+    """Taps ``a`` that put input position ``j*s + a*d - lo`` in phase ``r`` (``= r mod s``), each
+    with the shift ``e = (r + lo - a*d) / s`` from phase index ``q`` to window index ``j = q + e``."""
+    return [(a, (r + lo - a * d) // s) for a in range(k) if (r + lo - a * d) % s == 0]
+
+
+def _overlap_add(parts, size, window, strides, dilation, layout: Layout):
+    """``out[a*d + j*s] += parts[a][j]`` over taps ``a`` (scan order), ``out`` of spatial ``size``:
+    the adjoint of ``_tap_slices``. Per output phase ``r`` a sum of shifted parts, then interleaved."""
+    count = [-(-m // s) for m, s in zip(size, strides, strict=True)]
+    out = layout.spatial(parts[0].shape)
+    by_tap = dict(zip(_taps(window), parts, strict=True))
+    phases = []
+    for r in _taps(strides):
+        per_dim = [_phase_taps(ri, k, s, d, 0) for ri, k, s, d in zip(r, window, strides, dilation, strict=True)]
+        shifted = [
+            # phase[q] += parts[a][q + e], e <= 0: pad |e| in front
+            _pad_spatial(
+                by_tap[tuple(a for a, _ in combo)],
+                [(-e, q - o + e) for (_, e), q, o in zip(combo, count, out, strict=True)],
+                0,
+                layout,
+            )
+            for combo in itertools.product(*per_dim)
+        ]
+        if shifted:
+            phases.append(functools.reduce(jnp.add, shifted))
+        else:
+            phases.append(
+                jnp.zeros(layout.shape(parts[0].shape[0], count, layout.channels(parts[0].shape)), parts[0].dtype)
+            )
+    return _interleave(phases, strides, size, layout)
+
+
+# XLA:CPU runs a reduction to a few outputs as one serial loop; adding halves elementwise fuses
+# into parallel loops instead (depthwise kernel gradient of 8x112x112x32, 3x3: 60 -> 17 ms).
+_PAIRWISE_SUM_ROWS = 64
+
+
+def _sum_all_but(a, keep):
+    """Sum over every axis not in ``keep`` (kept in order) by pairwise halving, then one reduce."""
+    a = jnp.moveaxis(a, keep, tuple(range(a.ndim - len(keep), a.ndim)))
+    kept = a.shape[a.ndim - len(keep) :]
+    rows = a.reshape(-1, math.prod(kept))
+    while rows.shape[0] > _PAIRWISE_SUM_ROWS:
+        half = -(-rows.shape[0] // 2)
+        rows = rows[:half] + jnp.pad(rows[half:], ((0, 2 * half - rows.shape[0]), (0, 0)))
+    return jnp.sum(rows, axis=0).reshape(kept)
+
+
+# ---------------------------------------------------------------------------------------------
+# Convolution: forward correlation, input gradient, kernel gradient.
+
+
+def _depthwise(groups: int, cig: int, cog: int) -> bool:
+    """Grouped convs with one input or one output channel per group run as one multiply per tap:
+    XLA's CPU grouped convolution is 10-50x slower than that (MobileNet's 8x112x112x32 3x3
+    depthwise: forward 70 ms vs 2 ms, input gradient 70 ms vs 2 ms)."""
+    return groups > 1 and min(cig, cog) == 1
+
+
+def _correlate(x, kernel, strides, padding, dilation, groups, layout: Layout, precision):
+    """Zero-padded cross-correlation, the conv layer's forward (notes 001: ``Y = X (*) K``)."""
+    window = _kernel_window(kernel.shape, layout)
+    cig, cog = kernel.shape[layout.kernel_in_axis], kernel.shape[layout.kernel_out_axis] // groups
+    if not _depthwise(groups, cig, cog):
+        return lax.conv_general_dilated(
+            x,
+            kernel,
+            window_strides=strides,
+            padding=padding,
+            rhs_dilation=dilation,
+            dimension_numbers=layout.dimension_numbers,
+            feature_group_count=groups,
+            precision=precision,
+        )
+    # Y[x] = sum_a X_pad[x*s + a*d] K[a], contracting the (one or few) channels of each group
+    taps = _kernel_to_groups(kernel, groups, layout)  # (*window, G, C_in/G, C_out/G)
+    c = layout.channel_axis
+    trailing = (1,) * (x.ndim - 1 - c)  # the weights broadcast over the axes after the channels
+    terms = []
+    for tap, xs in zip(
+        _taps(window), _tap_slices(_pad_spatial(x, padding, 0, layout), window, strides, dilation, layout), strict=True
+    ):
+        xsg = jnp.expand_dims(_split_channels(xs, groups, layout)[0], c + 2)  # (.., G, C_in/G, 1, ..)
+        terms.append(jnp.sum(xsg * taps[tap].reshape(*taps.shape[-3:], *trailing), axis=c + 1))
+    return _merge_channels(functools.reduce(jnp.add, terms), layout)
+
+
+def _conv_input_grad(dy, kernel, input_spatial, strides, padding, dilation, groups, layout: Layout, precision):
+    """notes 002, conv backprop: ``delta_l = pad(dilate(delta_{l+1}, s)) (*) rot180(W)``, in/out swapped.
+
+    Per input phase ``r``: the taps ``a`` with ``r + lo - a*d = 0 (mod s)``, rotated 180 degrees,
+    form a kernel of dilation ``d / gcd(s, d)`` that is correlated with ``delta`` at stride 1."""
+    window = _kernel_window(kernel.shape, layout)
+    swapped = _kernel_from_groups(jnp.swapaxes(_kernel_to_groups(kernel, groups, layout), -1, -2), layout)
+    count = [-(-n // s) for n, s in zip(input_spatial, strides, strict=True)]
+    out = layout.spatial(dy.shape)
+    phases = []
+    for r in _taps(strides):
+        per_dim = [
+            _phase_taps(ri, k, s, d, lo)
+            for ri, k, s, d, (lo, _) in zip(r, window, strides, dilation, padding, strict=True)
+        ]
+        if not all(per_dim):  # no tap lands on this phase: its gradient is zero
+            channels = kernel.shape[layout.kernel_in_axis] * groups
+            phases.append(jnp.zeros(layout.shape(dy.shape[0], count, channels), dy.dtype))
+            continue
+        index, pads, phase_dilation = [slice(None)] * swapped.ndim, [], []
+        for axis, taps, q, o, d, s in zip(
+            layout.kernel_spatial_axes, per_dim, count, out, dilation, strides, strict=True
+        ):
+            step = taps[1][0] - taps[0][0] if len(taps) > 1 else s  # tap spacing s / gcd(s, d)
+            first, last = taps[0][0], taps[-1][0]
+            index[axis] = slice(last, first - 1 if first else None, -step)  # the phase's taps, rotated
+            dd = d * step // s  # window-index gap between consecutive taps
+            e_last = taps[-1][1]
+            pads.append((-e_last, q - o + e_last + dd * (len(taps) - 1)))
+            phase_dilation.append(dd)
+        phase_kernel = swapped[tuple(index)]
+        unit = (1,) * len(strides)
+        phases.append(_correlate(dy, phase_kernel, unit, tuple(pads), tuple(phase_dilation), groups, layout, precision))
+    return _interleave(phases, strides, input_spatial, layout)
+
+
+# The correlation form of the kernel gradient is memory-bound in XLA's CPU convolution when the
+# batch is large; summing it over batch chunks of about 1 MiB of input is 1.5-2x faster
+# (32x56x56x64 -> 64, 3x3: ~100 ms in 1-image chunks vs ~230 ms in one piece). At most 32 chunks,
+# to bound the compiled program.
+_KERNEL_GRAD_CHUNK_BYTES = 1 << 20
+_KERNEL_GRAD_MAX_CHUNKS = 32
+
+
+def _conv_kernel_grad(x, dy, window, strides, padding, dilation, groups, layout: Layout, precision):
+    """notes 002, conv backprop: ``dW[a] = sum_{n, x} delta[n, x] * X_pad[n, x*s + a*d]``.
+
+    Three forms of the one formula: depthwise convs take a product and a sum per tap; a one-tap
+    (1x1) kernel is one matrix product ``X^T delta``; otherwise the notes' ``dW = delta (*) a_{l-1}``,
+    a correlation of the input with ``delta``, summed over batch chunks."""
+    geometry = (window, strides, padding, dilation, groups, layout)
+    if _depthwise(groups, layout.channels(x.shape) // groups, layout.channels(dy.shape) // groups):
+        return _depthwise_kernel_grad(x, dy, *geometry)
+    if math.prod(window) == 1:
+        return _pointwise_kernel_grad(x, dy, *geometry, precision)
+    batch = x.shape[0]
+    per_example = x.dtype.itemsize * math.prod(x.shape[1:])
+    chunk = max(-(-batch // _KERNEL_GRAD_MAX_CHUNKS), _KERNEL_GRAD_CHUNK_BYTES // per_example, 1)
+    parts = [
+        _correlate_input_with_delta(x[i : i + chunk], dy[i : i + chunk], *geometry, precision)
+        for i in range(0, batch, chunk)
+    ]
+    return functools.reduce(jnp.add, parts)
+
+
+def _correlate_input_with_delta(x, dy, window, strides, padding, dilation, groups, layout: Layout, precision):
+    """``dW = delta (*) X``: the batch is the contracted channel axis, ``delta`` (dilated by the
+    stride) the kernel and the kernel dilation the output stride; groups become batch groups."""
+    spatial = layout.lhs[1:-1] if layout.channels_last else layout.lhs[2:]
+    if layout.channels_last:  # x (N, *sp, C): C is the conv's batch, N its feature
+        numbers = (f"C{spatial}N", f"I{spatial}O", f"{spatial}NC")
+    else:
+        numbers = (f"CN{spatial}", f"IO{spatial}", f"CN{spatial}")
+    # the high pad that fits exactly k output taps: (k-1)*d + (o-1)*s + 1 = n + lo + hi
+    pads = tuple(
+        (lo, (k - 1) * d + (o - 1) * s + 1 - n - lo)
+        for n, o, k, s, d, (lo, _) in zip(
+            layout.spatial(x.shape), layout.spatial(dy.shape), window, strides, dilation, padding, strict=True
+        )
+    )
+    return lax.conv_general_dilated(
+        x,
+        dy,
+        window_strides=dilation,
+        padding=pads,
+        rhs_dilation=strides,
+        dimension_numbers=numbers,
+        batch_group_count=groups,
+        precision=precision,
+    )
+
+
+def _pointwise_kernel_grad(x, dy, window, strides, padding, dilation, groups, layout: Layout, precision):
+    """One tap: ``dW = X_s^T delta``, a matrix product over batch and space (on CPU 6-10x faster
+    than the correlation form, whose kernel would be all of ``delta``)."""
+    (xs,) = _tap_slices(
+        _pad_spatial(x, padding, 0, layout), window, strides, dilation, layout, layout.spatial(dy.shape)
+    )
+    xsg, g, xs_spatial = _split_channels(xs, groups, layout)
+    dyg, _, dy_spatial = _split_channels(dy, groups, layout)
+    grad = lax.dot_general(xsg, dyg, (((0, *xs_spatial), (0, *dy_spatial)), ((g,), (g,))), precision=precision)
+    return _kernel_from_groups(grad.reshape(*window, *grad.shape), layout)
+
+
+def _depthwise_kernel_grad(x, dy, window, strides, padding, dilation, groups, layout: Layout):
+    """Per tap ``a``: ``dW[a] = sum_{n, x} X_pad[n, x*s + a*d] * delta[n, x]`` within each group."""
+    dyg, c, _ = _split_channels(dy, groups, layout)
+    dyg = jnp.expand_dims(dyg, c + 1)  # (.., G, 1, C_out/G, ..)
+    xp = _pad_spatial(x, padding, 0, layout)
+    grads = [
+        _sum_all_but(jnp.expand_dims(_split_channels(xs, groups, layout)[0], c + 2) * dyg, (c, c + 1, c + 2))
+        for xs in _tap_slices(xp, window, strides, dilation, layout, layout.spatial(dy.shape))
+    ]
+    return _kernel_from_groups(jnp.stack(grads).reshape(*window, *grads[0].shape), layout)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7))
+def _conv(x, kernel, strides, padding, dilation, groups, layout, precision):
+    return _correlate(x, kernel, strides, padding, dilation, groups, layout, precision)
+
+
+def _conv_fwd(x, kernel, strides, padding, dilation, groups, layout, precision):
+    return _correlate(x, kernel, strides, padding, dilation, groups, layout, precision), (x, kernel)
+
+
+def _conv_bwd(strides, padding, dilation, groups, layout, precision, residuals, dy):
+    x, kernel = residuals
+    geometry = (strides, padding, dilation, groups, layout, precision)
+    dx = _conv_input_grad(dy, kernel, layout.spatial(x.shape), *geometry)
+    dk = _conv_kernel_grad(x, dy, _kernel_window(kernel.shape, layout), *geometry)
+    return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def conv_closed_form(
+    x, kernel, *, strides, padding, kernel_dilation, feature_group_count, layout: Layout, precision=None
+):
+    """Zero-padded convolution whose VJP is the notes' closed form (canonical arguments).
+
+    The value of ``lax.conv_general_dilated(x, kernel, strides, padding,
+    rhs_dilation=kernel_dilation, dimension_numbers=layout.dimension_numbers,
+    feature_group_count=feature_group_count, precision=precision)``; depthwise convolutions
+    (one input or output channel per group) are computed as one multiply per tap, in full
+    precision. ``strides``/``kernel_dilation``: tuples; ``padding``: ``(lo, hi)`` pairs;
+    ``layout``: a ``cnnjax._canon.Layout``. Shapes as ``cnnjax.conv``.
+
+    >>> from cnnjax._canon import Layout
+    >>> x = jnp.arange(9.0).reshape(1, 3, 3, 1)
+    >>> y = conv_closed_form(x, jnp.ones((2, 2, 1, 1)), strides=(1, 1), padding=((0, 0), (0, 0)),
+    ...                      kernel_dilation=(1, 1), feature_group_count=1, layout=Layout(True, 2))
+    >>> y[0, :, :, 0].tolist()
+    [[8.0, 12.0], [20.0, 24.0]]
+    """
+    padding = tuple(map(tuple, padding))
+    return _conv(x, kernel, tuple(strides), padding, tuple(kernel_dilation), feature_group_count, layout, precision)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pooling: sum (mean) pooling copies the gradient over the window, max pooling routes it to the max.
+
+
+def _lowest(dtype):
+    """The pad value that never wins a max: ``-inf`` for floats, the minimum for integers."""
+    return -jnp.inf if jnp.issubdtype(dtype, jnp.inexact) else jnp.iinfo(dtype).min
+
+
+def _write_back(parts, input_spatial, window, strides, padding, dilation, layout: Layout):
+    """Window values ``parts[a]`` (one per tap) added back onto the input, padding dropped."""
+    padded = tuple(n + lo + hi for n, (lo, hi) in zip(input_spatial, padding, strict=True))
+    dxp = _overlap_add(parts, padded, window, strides, dilation, layout)
+    return _pad_spatial(dxp, [(-lo, -hi) for lo, hi in padding], 0, layout)
+
+
+def _sum_pool_grad(dy, input_spatial, window, strides, padding, layout: Layout):
+    """notes 002, mean pooling: every input of a window receives the window's gradient (the
+    mean's divisor is applied to ``dy`` first): ``dx[a + j*s] += dy[j]`` over taps ``a``."""
+    dilation = (1,) * len(window)
+    return _write_back([dy] * math.prod(window), input_spatial, window, strides, padding, dilation, layout)
+
+
+def _max_pool_argmax(x, window, strides, padding, dilation, layout: Layout):
+    """Window maxima of the ``-inf``-padded ``x`` and each window's "max id": the scan-order
+    index of the first tap holding the maximum."""
+    taps = _tap_slices(_pad_spatial(x, padding, _lowest(x.dtype), layout), window, strides, dilation, layout)
+    y = functools.reduce(jnp.maximum, taps)  # lax.max, as reduce_window: a NaN propagates
+    best, index = taps[0], jnp.zeros(y.shape, np.min_scalar_type(len(taps) - 1))
+    for t, xs in enumerate(taps[1:], 1):
+        later = xs > best  # strictly greater: a tie keeps the earlier tap
+        index = jnp.where(later, jnp.asarray(t, index.dtype), index)
+        best = jnp.where(later, xs, best)
+    return y, index
+
+
+def _max_pool_grad(index, dy, input_spatial, window, strides, padding, dilation, layout: Layout):
+    """notes 002, max pooling: each output's gradient goes to its recorded max id, the rest get 0."""
+    parts = [jnp.where(index == t, dy, jnp.zeros_like(dy)) for t in range(math.prod(window))]
+    return _write_back(parts, input_spatial, window, strides, padding, dilation, layout)
+
+
+# The input's spatial size rides along as a static argument: the backward pass needs it (the
+# output size does not determine it) and residuals must be arrays.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5, 6))
+def _max_pool(x, input_spatial, window, strides, padding, dilation, layout):
+    return _max_pool_argmax(x, window, strides, padding, dilation, layout)[0]
+
+
+def _max_pool_fwd(x, input_spatial, window, strides, padding, dilation, layout):
+    y, index = _max_pool_argmax(x, window, strides, padding, dilation, layout)
+    return y, index
+
+
+def _max_pool_bwd(input_spatial, window, strides, padding, dilation, layout, index, dy):
+    return (_max_pool_grad(index, dy, input_spatial, window, strides, padding, dilation, layout),)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))
+def _sum_pool(x, input_spatial, window, strides, padding, layout):
+    full = [(0, 0)] * x.ndim
+    for axis, pair in zip(layout.spatial_axes, padding, strict=True):
+        full[axis] = pair
+    return lax.reduce_window(x, jnp.asarray(0, x.dtype), lax.add, layout.window(window), layout.window(strides), full)
+
+
+def _sum_pool_fwd(x, input_spatial, window, strides, padding, layout):
+    return _sum_pool(x, input_spatial, window, strides, padding, layout), None
+
+
+def _sum_pool_bwd(input_spatial, window, strides, padding, layout, _, dy):
+    return (_sum_pool_grad(dy, input_spatial, window, strides, padding, layout),)
+
+
+_sum_pool.defvjp(_sum_pool_fwd, _sum_pool_bwd)
+
+
+def max_pool_closed_form(x, *, window_shape, strides, padding, window_dilation, layout: Layout):
+    """Max pooling (padding is ``-inf``, it never wins) whose VJP is the notes' max-id rule.
+
+    The value of ``lax.reduce_window(x, -inf, lax.max, ...)`` over the padded input (the dtype's
+    minimum for integers). Canonical arguments: spatial tuples, ``(lo, hi)`` pairs, a ``Layout``.
+    ``x: (N, *spatial, C)`` or ``(N, C, *spatial)`` -> ``out = floor((n + lo + hi - d*(w-1) - 1) / s) + 1``.
+
+    >>> from cnnjax._canon import Layout
+    >>> x = jnp.array([[[1.0], [3.0], [2.0], [2.0]]])
+    >>> max_pool_closed_form(x, window_shape=(2,), strides=(2,), padding=((0, 0),),
+    ...                      window_dilation=(1,), layout=Layout(True, 1))[0, :, 0].tolist()
+    [3.0, 2.0]
+    """
+    geometry = (tuple(window_shape), tuple(strides), tuple(map(tuple, padding)), tuple(window_dilation), layout)
+    return _max_pool(x, layout.spatial(jnp.shape(x)), *geometry)
+
+
+def sum_pool_closed_form(x, *, window_shape, strides, padding, layout: Layout):
+    """Sum pooling over the zero-padded input whose VJP copies each gradient over its window.
+
+    Canonical arguments, as ``max_pool_closed_form``; average pooling is this divided by the
+    window's divisor.
+
+    >>> from cnnjax._canon import Layout
+    >>> x = jnp.arange(4.0).reshape(1, 4, 1)
+    >>> sum_pool_closed_form(x, window_shape=(2,), strides=(2,), padding=((0, 0),), layout=Layout(True, 1))[0, :, 0].tolist()
+    [1.0, 5.0]
+    """
+    geometry = (tuple(window_shape), tuple(strides), tuple(map(tuple, padding)), layout)
+    return _sum_pool(x, layout.spatial(jnp.shape(x)), *geometry)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public closed-form gradients: user-level arguments, canonicalized once here.
+
+
+def _conv_args(
+    op, x_shape, kernel_shape, dy_shape, layout: Layout, strides, padding, kernel_dilation, feature_group_count
+):
+    """Check a conv's shapes against each other and return canonical geometry."""
+    n = layout.spatial_rank
+    if len(kernel_shape) != n + 2:
+        raise ValueError(f"{op}: kernel must have rank {n + 2} for {n} spatial dims, got shape {tuple(kernel_shape)}")
+    if len(x_shape) != n + 2:
+        raise ValueError(f"{op}: input_shape must have rank {n + 2}, got {tuple(x_shape)}")
+    groups = check_positive(feature_group_count, "feature_group_count", op)
+    strides = canonicalize_tuple(strides, n, "strides", op)
+    dilation = canonicalize_tuple(kernel_dilation, n, "kernel_dilation", op)
+    window = _kernel_window(kernel_shape, layout)
+    c_in, cig, c_out = (
+        layout.channels(x_shape),
+        kernel_shape[layout.kernel_in_axis],
+        kernel_shape[layout.kernel_out_axis],
+    )
+    if c_in % groups or c_out % groups:
+        raise ValueError(f"{op}: feature_group_count={groups} must divide C_in={c_in} and C_out={c_out}")
+    if cig * groups != c_in:
+        raise ValueError(
+            f"{op}: kernel has {cig} input channels per group, but C_in={c_in} / feature_group_count={groups} = {c_in // groups}"
+        )
+    spatial = layout.spatial(x_shape)
+    pairs = padding_pairs(canonicalize_padding(padding, n, op), spatial, window, strides, dilation, op)
+    out = tuple(
+        conv_output_size(m, k, s, p, d) for m, k, s, p, d in zip(spatial, window, strides, pairs, dilation, strict=True)
+    )
+    expected = layout.shape(x_shape[0], out, c_out)
+    if tuple(dy_shape) != expected:
+        raise ValueError(f"{op}: dy has shape {tuple(dy_shape)}, but the forward conv's output has shape {expected}")
+    return strides, pairs, dilation, groups
+
+
+def conv_input_grad(
+    dy,
+    kernel,
+    input_shape,
+    *,
+    strides=1,
+    padding="VALID",
+    kernel_dilation=1,
+    feature_group_count=1,
+    layout="NHWC",
+    precision=None,
+):
+    """Gradient of ``conv(x, kernel, ...)`` with respect to ``x`` (notes 002, conv backprop).
+
+    ``delta_l = pad(dilate(delta_{l+1}, s)) (*) rot180(W)`` with the kernel's input and output
+    channels swapped, computed per stride phase so that no inserted zeros are multiplied.
+
+    dy: ``(N, *out, C_out)`` (NHWC) or ``(N, C_out, *out)`` (NCHW), with
+    ``out = floor((n + lo + hi - d*(k-1) - 1) / s) + 1``; kernel: HWIO ``(*window, C_in/G, C_out)``
+    or OIHW ``(C_out, C_in/G, *window)``; input_shape: the forward input's shape.
+    Returns: an array of ``input_shape``, what ``jax.vjp`` of the forward conv returns for ``x``.
+
+    >>> dy = jnp.ones((1, 2, 2, 1))
+    >>> conv_input_grad(dy, jnp.ones((2, 2, 1, 1)), (1, 3, 3, 1))[0, :, :, 0].tolist()
+    [[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]
+    """
+    op = "conv_input_grad"
+    lay = layout_of(dy, layout, op, "dy")
+    require_float(dy, op, "dy")
+    require_float(kernel, op, "kernel")
+    input_shape = tuple(input_shape)
+    geometry = _conv_args(
+        op, input_shape, jnp.shape(kernel), jnp.shape(dy), lay, strides, padding, kernel_dilation, feature_group_count
+    )
+    dx = _conv_input_grad(dy, kernel, lay.spatial(input_shape), *geometry, lay, precision)
+    return dx.astype(jnp.result_type(dy, kernel))
+
+
+def conv_kernel_grad(
+    x,
+    dy,
+    kernel_shape,
+    *,
+    strides=1,
+    padding="VALID",
+    kernel_dilation=1,
+    feature_group_count=1,
+    layout="NHWC",
+    precision=None,
+):
+    """Gradient of ``conv(x, kernel, ...)`` with respect to ``kernel`` (notes 002, conv backprop).
+
+    ``dW[a, b] = sum_{n, x, y} delta[n, x, y] * X_pad[n, x*s + a*d, y*s + b*d]``: one contraction
+    over batch and space per kernel tap, grouped channels contracted within their group.
+
+    x: ``(N, *spatial, C_in)`` (NHWC) or ``(N, C_in, *spatial)``; dy: the forward output's shape,
+    ``out = floor((n + lo + hi - d*(k-1) - 1) / s) + 1``; kernel_shape: HWIO
+    ``(*window, C_in/G, C_out)`` or OIHW ``(C_out, C_in/G, *window)``.
+    Returns: an array of ``kernel_shape``.
+
+    >>> x = jnp.arange(9.0).reshape(1, 3, 3, 1)
+    >>> conv_kernel_grad(x, jnp.ones((1, 2, 2, 1)), (2, 2, 1, 1))[:, :, 0, 0].tolist()
+    [[8.0, 12.0], [20.0, 24.0]]
+    """
+    op = "conv_kernel_grad"
+    lay = layout_of(x, layout, op)
+    require_float(x, op)
+    require_float(dy, op, "dy")
+    kernel_shape = tuple(kernel_shape)
+    geometry = _conv_args(
+        op, jnp.shape(x), kernel_shape, jnp.shape(dy), lay, strides, padding, kernel_dilation, feature_group_count
+    )
+    dk = _conv_kernel_grad(x, dy, _kernel_window(kernel_shape, lay), *geometry, lay, precision)
+    return dk.astype(jnp.result_type(x, dy))
+
+
+def conv_bias_grad(dy, layout="NHWC"):
+    """Gradient of a conv's bias: ``db = sum delta`` over batch and space (notes 002, ``db = delta``).
+
+    dy: ``(N, *out, C_out)`` (NHWC) or ``(N, C_out, *out)``. Returns: ``(C_out,)``.
+
+    >>> conv_bias_grad(jnp.ones((2, 3, 3, 4))).tolist()
+    [18.0, 18.0, 18.0, 18.0]
+    """
+    op = "conv_bias_grad"
+    lay = layout_of(dy, layout, op, "dy")
+    require_float(dy, op, "dy")
+    return _sum_all_but(jnp.asarray(dy), (lay.channel_axis,))
+
+
+def _pool_args(op, x_shape, dy_shape, layout: Layout, window_shape, strides, padding, window_dilation):
+    """Canonical pooling geometry (``strides=None`` means the window), checked against ``dy``."""
+    n = layout.spatial_rank
+    window = canonicalize_tuple(window_shape, n, "window_shape", op)
+    strides = window if strides is None else canonicalize_tuple(strides, n, "strides", op)
+    dilation = canonicalize_tuple(window_dilation, n, "window_dilation", op)
+    spatial = layout.spatial(x_shape)
+    pairs = padding_pairs(canonicalize_padding(padding, n, op), spatial, window, strides, dilation, op)
+    out = tuple(
+        conv_output_size(m, k, s, p, d) for m, k, s, p, d in zip(spatial, window, strides, pairs, dilation, strict=True)
+    )
+    expected = layout.shape(x_shape[0], out, layout.channels(x_shape))
+    if tuple(dy_shape) != expected:
+        raise ValueError(f"{op}: dy has shape {tuple(dy_shape)}, but the forward pool's output has shape {expected}")
+    return window, strides, pairs, dilation
+
+
+def max_pool_grad(x, dy, window_shape, strides=None, padding="VALID", *, window_dilation=1, layout="NHWC"):
+    """Gradient of ``max_pool(x, ...)`` (notes 002, max pooling: route it to the max id).
+
+    Each output's gradient goes to its window's arg-max, the first maximum in scan (row-major)
+    order on ties, as XLA does; padding is ``-inf`` and never receives gradient.
+
+    x: ``(N, *spatial, C)`` (NHWC) or ``(N, C, *spatial)``; dy: ``(N, *out, C)`` with
+    ``out = floor((n + lo + hi - d*(w-1) - 1) / s) + 1``. Returns: ``x``'s shape.
+
+    >>> x = jnp.array([[[1.0], [3.0], [2.0], [2.0]]])
+    >>> max_pool_grad(x, jnp.array([[[10.0], [20.0]]]), 2, layout="NWC")[0, :, 0].tolist()
+    [0.0, 10.0, 20.0, 0.0]
+    """
+    op = "max_pool_grad"
+    lay = layout_of(x, layout, op)
+    require_float(x, op)
+    require_float(dy, op, "dy")
+    window, strides, pairs, dilation = _pool_args(
+        op, jnp.shape(x), jnp.shape(dy), lay, window_shape, strides, padding, window_dilation
+    )
+    index = _max_pool_argmax(x, window, strides, pairs, dilation, lay)[1]
+    dx = _max_pool_grad(index, dy, lay.spatial(x.shape), window, strides, pairs, dilation, lay)
+    return dx.astype(jnp.result_type(x, dy))
+
+
+def _valid_tap_counts(input_spatial, out_spatial, window, strides, padding, layout: Layout) -> np.ndarray:
+    """Number of non-padding inputs in each output's window (at least 1), shaped like dy's spatial axes.
+
+    A window entirely in the padding touches no input, so its divisor does not matter; it is 1."""
+    counts = None
+    for n, o, k, s, (lo, _) in zip(input_spatial, out_spatial, window, strides, padding, strict=True):
+        start = np.arange(o) * s - lo
+        per_dim = np.maximum(np.minimum(start + k, n) - np.maximum(start, 0), 1)
+        counts = per_dim if counts is None else np.multiply.outer(counts, per_dim)
+    return counts.reshape(layout.shape(1, out_spatial, 1))
+
+
+def avg_pool_grad(
+    dy, input_shape, window_shape, strides=None, padding="VALID", *, count_include_pad=True, layout="NHWC"
+):
+    """Gradient of ``avg_pool(x, ...)`` (notes 002, mean pooling: split it evenly over the window).
+
+    Each output's gradient is divided by its divisor and copied to every input of its window:
+    the window size, or with ``count_include_pad=False`` the number of non-padding inputs in it
+    (PyTorch's ``avg_pool`` semantics).
+
+    dy: ``(N, *out, C)`` (NHWC) or ``(N, C, *out)`` with ``out = floor((n + lo + hi - w) / s) + 1``;
+    input_shape: the forward input's shape. Returns: an array of ``input_shape``.
+
+    >>> avg_pool_grad(jnp.array([[[4.0], [8.0]]]), (1, 4, 1), 2, layout="NWC")[0, :, 0].tolist()
+    [2.0, 2.0, 4.0, 4.0]
+    """
+    op = "avg_pool_grad"
+    lay = layout_of(dy, layout, op, "dy")
+    require_float(dy, op, "dy")
+    input_shape = tuple(input_shape)
+    if len(input_shape) != jnp.ndim(dy):
+        raise ValueError(f"{op}: input_shape={input_shape} must have the rank of dy, {jnp.ndim(dy)}")
+    window, strides, pairs, _ = _pool_args(op, input_shape, jnp.shape(dy), lay, window_shape, strides, padding, 1)
+    spatial = lay.spatial(input_shape)
+    divisor = (
+        math.prod(window)
+        if count_include_pad
+        else _valid_tap_counts(spatial, lay.spatial(dy.shape), window, strides, pairs, lay)
+    )
+    return _sum_pool_grad(dy / divisor, spatial, window, strides, pairs, lay)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fully connected layers (notes 002, 全连接层).
+
+
+def dense_grads(a_prev, w, delta):
+    """One dense layer ``z = a_prev @ w + b``: ``(dW, db, delta @ w.T)`` (notes 002).
+
+    The notes' column-vector ``dW = delta a^T``, ``db = delta``, ``W^T delta`` in Flax's
+    ``(in, out)`` kernel layout; leading batch axes are summed, as ``jax.vjp`` of the batched
+    layer does (the notes' SGD then divides by the batch size). The third result still lacks
+    the previous layer's ``sigma'(z)`` factor.
+
+    a_prev: ``(..., in)``; w: ``(in, out)``; delta: ``dC/dz``, ``(..., out)``.
+    Returns: ``dW (in, out)``, ``db (out,)``, ``delta_prev (..., in)``.
+
+    >>> dw, db, back = dense_grads(jnp.array([[1.0, 2.0]]), jnp.ones((2, 3)), jnp.array([[1.0, 0.0, -1.0]]))
+    >>> dw.tolist(), db.tolist(), back.tolist()
+    ([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0]], [1.0, 0.0, -1.0], [[0.0, 0.0]])
+    """
+    op = "dense_grads"
+    for name, value in (("a_prev", a_prev), ("w", w), ("delta", delta)):
+        require_float(value, op, name)
+    if jnp.ndim(w) != 2:
+        raise ValueError(f"{op}: w must be an (in, out) matrix, got shape {jnp.shape(w)}")
+    n_in, n_out = jnp.shape(w)
+    if (
+        jnp.shape(a_prev)[-1:] != (n_in,)
+        or jnp.shape(delta)[-1:] != (n_out,)
+        or jnp.shape(a_prev)[:-1] != jnp.shape(delta)[:-1]
+    ):
+        raise ValueError(
+            f"{op}: a_prev {jnp.shape(a_prev)} and delta {jnp.shape(delta)} must be (..., {n_in}) and (..., {n_out})"
+        )
+    batch = tuple(range(jnp.ndim(delta) - 1))
+    dw = jnp.tensordot(a_prev, delta, axes=(batch, batch))
+    return dw, jnp.sum(delta, axis=batch), delta @ jnp.swapaxes(w, 0, 1)
+
+
+def dense_backward(layer_inputs, weights, pre_activations, delta, activation_derivative: Callable):
+    """Backprop through a stack of dense layers ``z_l = a_{l-1} @ W_l + b_l``, ``a_l = sigma(z_l)``.
+
+    Follows notes 002: ``delta_l = (delta_{l+1} W_{l+1}^T) * sigma'(z_l)`` from the last layer's
+    ``delta_L = dC/dz_L`` down, with ``dW_l``, ``db_l`` from ``dense_grads``.
+
+    layer_inputs: ``a_0 .. a_{L-1}``, each ``(..., in_l)``; weights: ``W_1 .. W_L``, ``(in_l, out_l)``;
+    pre_activations: the hidden ``z_1 .. z_{L-1}``; delta: ``delta_L``, ``(..., out_L)``;
+    activation_derivative: ``sigma'``, applied elementwise to each hidden ``z_l``.
+    Returns: ``(grads, delta_in)``: ``grads[l] = (dW, db)`` per layer, in order, and
+    ``delta_in = dC/da_0`` (to continue into the layers before the stack).
+
+    >>> sigmoid_prime = lambda z: jax.nn.sigmoid(z) * (1 - jax.nn.sigmoid(z))
+    >>> a0, w1, w2 = jnp.ones((1, 2)), jnp.ones((2, 2)), jnp.ones((2, 1))
+    >>> z1 = a0 @ w1
+    >>> grads, delta_in = dense_backward([a0, jax.nn.sigmoid(z1)], [w1, w2], [z1], jnp.ones((1, 1)), sigmoid_prime)
+    >>> [dw.shape for dw, _ in grads], delta_in.shape
+    ([(2, 2), (2, 1)], (1, 2))
+    """
+    op = "dense_backward"
+    if not (len(layer_inputs) == len(weights) == len(pre_activations) + 1):
+        raise ValueError(
+            f"{op}: need one input and one weight per layer and one pre-activation per hidden layer, got "
+            f"{len(layer_inputs)} inputs, {len(weights)} weights, {len(pre_activations)} pre-activations"
+        )
+    grads = []
+    for layer in reversed(range(len(weights))):
+        dw, db, back = dense_grads(layer_inputs[layer], weights[layer], delta)
+        grads.append((dw, db))
+        delta = back * activation_derivative(pre_activations[layer - 1]) if layer else back
+    return grads[::-1], delta

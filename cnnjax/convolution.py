@@ -1,0 +1,744 @@
+"""Convolutions on ``lax.conv_general_dilated``: conv, its adjoint, and the notes' variants.
+
+Every op takes batched inputs, ``layout="NHWC"`` (kernels HWIO, Flax's) or ``"NCHW"`` (kernels
+OIHW, PyTorch's), for 1 to 3 spatial dims. Arguments are canonicalized once at the top of each
+public function (``cnnjax._canon``), where every check happens; all output-size arithmetic is
+``cnnjax.shapes``'s. Past the checks, ``conv`` and ``conv_transpose`` each run one jitted core
+(so an eager call compiles once, not op by op), and every convolution funnels into the one
+private ``_conv_general_dilated`` (or, for ``vjp="closed_form"``,
+``cnnjax.backprop.conv_closed_form``).
+
+Conv layers compute cross-correlation (notes 001/004: ``Y[i, j] = sum_ab X[i+a, j+b] K[a, b]``);
+``convolve2d`` is the true convolution, with the kernel flipped (notes 001 section 1.5).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+from jax import lax
+from jax import numpy as jnp
+
+from cnnjax import backprop
+from cnnjax._canon import Layout, canonicalize_padding, canonicalize_tuple, layout_of, padding_pairs
+from cnnjax.shapes import check_positive, conv_output_size, conv_transpose_output_size
+
+__all__ = [
+    "conv",
+    "conv_transpose",
+    "convolve2d",
+    "corr2d",
+    "depthwise_conv",
+    "rank1_factors",
+    "separable_conv",
+    "spatially_separable_conv",
+]
+
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+_JNP_PAD_MODES = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}
+# scipy's "same" keeps the full output from index (k-1)//2: with the flipped kernel that is SAME_LOWER
+_CONVOLVE_PADDING = {"valid": "VALID", "same": "SAME_LOWER", "full": "FULL"}
+
+
+# --- boundary checks -------------------------------------------------------------------------
+
+
+def _operands(x, kernel):
+    """Both operands as arrays of their common dtype (lax needs one dtype; ints stay ints)."""
+    x, kernel = jnp.asarray(x), jnp.asarray(kernel)
+    dtype = jnp.result_type(x, kernel)
+    return x.astype(dtype), kernel.astype(dtype)
+
+
+def _kernel_layout(layout: Layout) -> str:
+    return f"{layout.rhs} (kernel for layout {layout.lhs})"
+
+
+def _check_kernel_rank(op: str, x, kernel, layout: Layout) -> None:
+    if kernel.ndim != x.ndim:
+        raise ValueError(
+            f"{op}: kernel must have rank {x.ndim} ({_kernel_layout(layout)}) to match x of shape {x.shape}, "
+            f"got kernel shape {kernel.shape}"
+        )
+
+
+def _conv_channels(op: str, x, kernel, layout: Layout, groups: int) -> int:
+    """Check a forward kernel ``(.., C_in // groups, C_out)`` against ``x``; return ``C_out``."""
+    _check_kernel_rank(op, x, kernel, layout)
+    c_in = layout.channels(x.shape)
+    k_in, c_out = kernel.shape[layout.kernel_in_axis], kernel.shape[layout.kernel_out_axis]
+    if c_in % groups:
+        raise ValueError(f"{op}: feature_group_count={groups} must divide C_in={c_in} (x shape {x.shape})")
+    if k_in * groups != c_in:
+        raise ValueError(
+            f"{op}: kernel has {k_in} input channels but x has C_in={c_in} and feature_group_count={groups}, "
+            f"so the kernel needs C_in // feature_group_count = {c_in // groups}; kernel shape {kernel.shape} "
+            f"is {_kernel_layout(layout)}"
+        )
+    if c_out % groups:
+        raise ValueError(f"{op}: feature_group_count={groups} must divide C_out={c_out} (kernel shape {kernel.shape})")
+    return c_out
+
+
+def _canonical_bias(op: str, bias, c_out: int):
+    """``None`` or a ``(C_out,)`` array; any other shape is an error (no silent broadcast)."""
+    if bias is None:
+        return None
+    bias = jnp.asarray(bias)
+    if bias.shape != (c_out,):
+        raise ValueError(f"{op}: bias must have shape (C_out,) = ({c_out},), got shape {bias.shape}")
+    return bias
+
+
+def _add_bias(y, bias, layout: Layout):
+    """``y + bias`` with the ``(C_out,)`` bias broadcast along the layout's channel axis."""
+    if bias is None:
+        return y
+    return y + jnp.reshape(bias, layout.shape(1, (1,) * layout.spatial_rank, -1))
+
+
+def _window(kernel, layout: Layout) -> tuple[int, ...]:
+    return tuple(kernel.shape[a] for a in layout.kernel_spatial_axes)
+
+
+def _per_dim(op: str, size_fn, *columns) -> tuple[int, ...]:
+    """``size_fn`` (a ``cnnjax.shapes`` rule) per spatial dim, its errors re-raised under ``op``."""
+    out = []
+    for dim, args in enumerate(zip(*columns, strict=True)):
+        try:
+            out.append(size_fn(*args))
+        except ValueError as err:
+            raise ValueError(f"{op}: along spatial dim {dim}: {err}") from None
+    return tuple(out)
+
+
+def _check_padding_mode(op: str, padding_mode) -> None:
+    if padding_mode not in PADDING_MODES:
+        raise ValueError(f"{op}: padding_mode={padding_mode!r} is not one of {PADDING_MODES}")
+
+
+def _check_padding_limits(op: str, sizes, pairs, padding_mode: str) -> None:
+    """PyTorch's limits for the non-zero padding modes: reflect pads < size, circular <= size."""
+    for dim, (n, (lo, hi)) in enumerate(zip(sizes, pairs, strict=True)):
+        if padding_mode == "reflect" and max(lo, hi) >= n:
+            raise ValueError(
+                f"{op}: padding_mode='reflect' needs padding < input size, got padding=({lo}, {hi}) "
+                f"for size {n} along spatial dim {dim}"
+            )
+        if padding_mode == "circular" and max(lo, hi) > n:
+            raise ValueError(
+                f"{op}: padding_mode='circular' needs padding <= input size, got padding=({lo}, {hi}) "
+                f"for size {n} along spatial dim {dim}"
+            )
+
+
+# --- the one lax call ------------------------------------------------------------------------
+
+
+def _conv_general_dilated(x, kernel, *, strides, padding, kernel_dilation, input_dilation, groups, layout, precision):
+    """Every convolution in this module runs here (canonical arguments, ``padding`` as pairs)."""
+    return lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=strides,
+        padding=padding,
+        lhs_dilation=input_dilation,
+        rhs_dilation=kernel_dilation,
+        dimension_numbers=layout.dimension_numbers,
+        feature_group_count=groups,
+        precision=precision,
+    )
+
+
+# --- public ops ------------------------------------------------------------------------------
+
+
+def conv(
+    x,
+    kernel,
+    bias=None,
+    *,
+    strides=1,
+    padding="VALID",
+    kernel_dilation=1,
+    input_dilation=1,
+    feature_group_count=1,
+    padding_mode="zeros",
+    layout="NHWC",
+    precision=None,
+    vjp="auto",
+):
+    """N-D cross-correlation (a conv layer's forward pass), 1 to 3 spatial dims.
+
+    Args:
+      x: ``(N, *spatial, C_in)`` (``NHWC``) or ``(N, C_in, *spatial)`` (``NCHW``).
+      kernel: ``(*window, C_in // G, C_out)`` (HWIO) or ``(C_out, C_in // G, *window)`` (OIHW),
+        ``G = feature_group_count``; ``C_in`` and ``C_out`` must be multiples of ``G``.
+      bias: ``None`` or ``(C_out,)``, added to every output position.
+      strides, kernel_dilation, input_dilation: int or one int per spatial dim, each >= 1.
+        ``input_dilation=s`` inserts ``s - 1`` zeros between input pixels (notes 002's
+        transposed-conv view).
+      padding: ``"VALID"``, ``"SAME"`` (odd extra pixel at the end), ``"SAME_LOWER"`` (at the
+        start, the notes' convention), ``"FULL"`` (``d*(k-1)`` per side), an int, one int per
+        dim, or ``(lo, hi)`` pairs. Strings are resolved on the input-dilated size
+        ``(n-1)*input_dilation + 1``.
+      padding_mode: ``"zeros"``, or ``"reflect"``/``"replicate"``/``"circular"``, which pad
+        ``x`` explicitly (``jnp.pad``) and then run a VALID conv, like PyTorch (with
+        PyTorch's limits: reflect pads < size, circular pads <= size; not combinable with
+        ``input_dilation > 1``).
+      layout: ``"NHWC"`` or ``"NCHW"`` (or the 1-D/3-D aliases ``"NWC"``, ``"NCDHW"``, ...).
+      precision: passed to ``lax.conv_general_dilated``.
+      vjp: ``"auto"``, ``"xla"`` or ``"closed_form"`` (the notes' gradient formulas from
+        ``cnnjax.backprop``; used only when ``input_dilation`` is 1 and ``x`` is floating).
+
+    Integer operands compute in their (common) dtype, as lax does.
+
+    Returns:
+      ``(N, *out, C_out)`` or ``(N, C_out, *out)``, per dim
+      ``out = floor((n' + lo + hi - d*(k-1) - 1) / s) + 1`` (notes 002) with
+      ``n' = (n-1)*input_dilation + 1``.
+
+    >>> x = jnp.arange(9.0).reshape(1, 1, 3, 3)
+    >>> conv(x, jnp.array([[[[0.0, 1.0], [2.0, 3.0]]]]), jnp.array([1.0]), layout="NCHW")[0, 0]
+    Array([[20., 26.],
+           [38., 44.]], dtype=float32)
+    """
+    op = "conv"
+    x, kernel = _operands(x, kernel)
+    layout = layout_of(x, layout, op)
+    groups = check_positive(feature_group_count, "feature_group_count", op)
+    c_out = _conv_channels(op, x, kernel, layout, groups)
+    bias = _canonical_bias(op, bias, c_out)
+    rank = layout.spatial_rank
+    strides = canonicalize_tuple(strides, rank, "strides", op)
+    kernel_dilation = canonicalize_tuple(kernel_dilation, rank, "kernel_dilation", op)
+    input_dilation = canonicalize_tuple(input_dilation, rank, "input_dilation", op)
+    _check_padding_mode(op, padding_mode)
+    method = backprop.resolve_vjp(vjp, op)
+    window = _window(kernel, layout)
+    sizes = tuple((n - 1) * d + 1 for n, d in zip(layout.spatial(x.shape), input_dilation, strict=True))
+    pairs = padding_pairs(canonicalize_padding(padding, rank, op), sizes, window, strides, kernel_dilation, op)
+    _per_dim(op, conv_output_size, sizes, window, strides, pairs, kernel_dilation)
+    if padding_mode != "zeros":
+        if input_dilation != (1,) * rank:
+            raise NotImplementedError(
+                f"{op}: padding_mode={padding_mode!r} with input_dilation={input_dilation} is not supported"
+            )
+        _check_padding_limits(op, sizes, pairs, padding_mode)
+    closed_form = method == "closed_form" and input_dilation == (1,) * rank and jnp.issubdtype(x.dtype, jnp.inexact)
+    return _conv_core(
+        x,
+        kernel,
+        bias,
+        strides=strides,
+        padding=pairs,
+        kernel_dilation=kernel_dilation,
+        input_dilation=input_dilation,
+        groups=groups,
+        padding_mode=padding_mode,
+        layout=layout,
+        precision=precision,
+        closed_form=closed_form,
+    )
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "strides",
+        "padding",
+        "kernel_dilation",
+        "input_dilation",
+        "groups",
+        "padding_mode",
+        "layout",
+        "precision",
+        "closed_form",
+    ),
+)
+def _conv_core(
+    x,
+    kernel,
+    bias,
+    *,
+    strides,
+    padding,
+    kernel_dilation,
+    input_dilation,
+    groups,
+    padding_mode,
+    layout,
+    precision,
+    closed_form,
+):
+    """``conv`` past its checks (canonical arguments); jitted so an eager call compiles once."""
+    if padding_mode != "zeros":
+        widths = [(0, 0)] * x.ndim
+        for axis, pair in zip(layout.spatial_axes, padding, strict=True):
+            widths[axis] = pair
+        x = jnp.pad(x, widths, mode=_JNP_PAD_MODES[padding_mode])
+        padding = ((0, 0),) * layout.spatial_rank
+    if closed_form:
+        y = backprop.conv_closed_form(
+            x,
+            kernel,
+            strides=strides,
+            padding=padding,
+            kernel_dilation=kernel_dilation,
+            feature_group_count=groups,
+            layout=layout,
+            precision=precision,
+        )
+    else:
+        y = _conv_general_dilated(
+            x,
+            kernel,
+            strides=strides,
+            padding=padding,
+            kernel_dilation=kernel_dilation,
+            input_dilation=input_dilation,
+            groups=groups,
+            layout=layout,
+            precision=precision,
+        )
+    return _add_bias(y, bias, layout)
+
+
+def _transpose_kernel_doc(layout: Layout) -> str:
+    if layout.channels_last:
+        return "(*window, C_out // groups, C_in)"
+    return "(C_in, C_out // groups, *window)"
+
+
+def _conv_transpose_channels(op: str, x, kernel, layout: Layout, groups: int) -> int:
+    """Check the forward conv's kernel against ``x`` (its forward output); return ``C_out``."""
+    _check_kernel_rank(op, x, kernel, layout)
+    c_in = layout.channels(x.shape)
+    k_forward_out = kernel.shape[layout.kernel_out_axis]
+    if c_in % groups:
+        raise ValueError(f"{op}: feature_group_count={groups} must divide C_in={c_in} (x shape {x.shape})")
+    if k_forward_out != c_in:
+        raise ValueError(
+            f"{op}: kernel axis {layout.kernel_out_axis} has size {k_forward_out} but x has C_in={c_in}; the kernel "
+            f"is the forward conv's, {_transpose_kernel_doc(layout)} in layout {layout.lhs}, got shape {kernel.shape}"
+        )
+    return kernel.shape[layout.kernel_in_axis] * groups
+
+
+def _adjoint_kernel(kernel, layout: Layout, groups: int):
+    """The kernel of the adjoint conv: spatially flipped, in/out channels swapped within each group.
+
+    ``(C_in_t, C_out_t // G, *window)`` (as OIHW; HWIO likewise) -> ``(C_out_t, C_in_t // G, *window)``.
+    """
+    axes = (layout.kernel_out_axis, layout.kernel_in_axis)
+    k = jnp.moveaxis(jnp.flip(kernel, layout.kernel_spatial_axes), axes, (0, 1))
+    c_in_t, c_out_per_group, *window = k.shape
+    k = k.reshape(groups, c_in_t // groups, c_out_per_group, *window).swapaxes(1, 2)
+    k = k.reshape(groups * c_out_per_group, c_in_t // groups, *window)
+    return jnp.moveaxis(k, (0, 1), axes)
+
+
+def conv_transpose(
+    x,
+    kernel,
+    bias=None,
+    *,
+    strides=1,
+    padding=0,
+    output_padding=0,
+    kernel_dilation=1,
+    feature_group_count=1,
+    layout="NHWC",
+    precision=None,
+):
+    """Transposed convolution: the exact adjoint of ``conv`` with the same kernel and geometry.
+
+    ``conv_transpose(dy, w, strides=s, padding=p, ...)`` equals the VJP of
+    ``conv(., w, strides=s, padding=p, ...)`` at ``dy`` whenever the shapes agree. Computed as in
+    notes 002 (转置卷积): insert ``s - 1`` zeros between the inputs (lax's input dilation), pad each
+    side by ``d*(k-1) - lo`` / ``d*(k-1) - hi + output_padding`` (negative pads crop), and run a
+    stride-1 conv with the kernel flipped and its in/out channels swapped per group (Dumoulin &
+    Visin 2016, arXiv:1603.07285, section 4).
+
+    Args:
+      x: ``(N, *spatial, C_in)`` (``NHWC``) or ``(N, C_in, *spatial)`` (``NCHW``).
+      kernel: the forward conv's kernel, ``(*window, C_out // G, C_in)`` (HWIO) in ``NHWC``, or
+        PyTorch's ConvTranspose weight ``(C_in, C_out // G, *window)`` in ``NCHW``;
+        ``G = feature_group_count`` must divide ``C_in``.
+      bias: ``None`` or ``(C_out,)``.
+      strides, kernel_dilation: int or one int per spatial dim, each >= 1.
+      padding: the forward conv's padding: an int, one int per dim, ``(lo, hi)`` pairs,
+        ``"VALID"``, ``"FULL"``, or ``"SAME"``/``"SAME_LOWER"`` (resolved on a forward input of
+        ``n*s`` pixels, so the output is ``n*s`` long).
+      output_padding: int or one int per dim, added to the high side (PyTorch's); must be
+        smaller than the stride or the dilation.
+      layout, precision: as in ``conv``.
+
+    Returns:
+      ``(N, *out, C_out)`` or ``(N, C_out, *out)``, per dim
+      ``out = (n-1)*s - lo - hi + d*(k-1) + 1 + output_padding`` (``n*s + output_padding`` for SAME).
+      In ``NCHW`` this equals ``torch.nn.functional.conv_transpose{1,2,3}d(x, w, b, stride,
+      padding, output_padding, groups, dilation)``.
+
+    >>> y = conv_transpose(jnp.ones((1, 2, 1)), jnp.array([[[1.0]], [[10.0]]]), strides=2, layout="NWC")
+    >>> y[0, :, 0]
+    Array([ 1., 10.,  1., 10.], dtype=float32)
+    """
+    op = "conv_transpose"
+    x, kernel = _operands(x, kernel)
+    layout = layout_of(x, layout, op)
+    groups = check_positive(feature_group_count, "feature_group_count", op)
+    c_out = _conv_transpose_channels(op, x, kernel, layout, groups)
+    bias = _canonical_bias(op, bias, c_out)
+    rank = layout.spatial_rank
+    strides = canonicalize_tuple(strides, rank, "strides", op)
+    kernel_dilation = canonicalize_tuple(kernel_dilation, rank, "kernel_dilation", op)
+    output_padding = canonicalize_tuple(output_padding, rank, "output_padding", op, minimum=0)
+    padding = canonicalize_padding(padding, rank, op)
+    window = _window(kernel, layout)
+    sizes = layout.spatial(x.shape)
+    forward_sizes = tuple(n * s for n, s in zip(sizes, strides, strict=True))
+    pairs = padding_pairs(padding, forward_sizes, window, strides, kernel_dilation, op)
+    per_dim_padding = (padding,) * rank if isinstance(padding, str) else pairs
+    out_sizes = _per_dim(
+        op, conv_transpose_output_size, sizes, window, strides, per_dim_padding, output_padding, kernel_dilation
+    )
+    # lo' = d*(k-1) - lo; hi' = d*(k-1) - hi + output_padding, written through the output size m
+    # so that SAME pads clipped at 0 (d*(k-1) + 1 < s) still give m = n*s.
+    adjoint_pairs = tuple(
+        (d * (k - 1) - lo, m - (n - 1) * s - 1 + lo)
+        for n, k, s, d, (lo, _), m in zip(sizes, window, strides, kernel_dilation, pairs, out_sizes, strict=True)
+    )
+    return _conv_transpose_core(
+        x,
+        kernel,
+        bias,
+        strides=strides,
+        padding=adjoint_pairs,
+        kernel_dilation=kernel_dilation,
+        groups=groups,
+        layout=layout,
+        precision=precision,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("strides", "padding", "kernel_dilation", "groups", "layout", "precision"))
+def _conv_transpose_core(x, kernel, bias, *, strides, padding, kernel_dilation, groups, layout, precision):
+    """``conv_transpose`` past its checks: the input-dilated conv with the adjoint kernel (jitted)."""
+    y = _conv_general_dilated(
+        x,
+        _adjoint_kernel(kernel, layout, groups),
+        strides=(1,) * layout.spatial_rank,
+        padding=padding,
+        kernel_dilation=kernel_dilation,
+        input_dilation=strides,
+        groups=groups,
+        layout=layout,
+        precision=precision,
+    )
+    return _add_bias(y, bias, layout)
+
+
+def _check_2d(op: str, **arrays) -> None:
+    for name, a in arrays.items():
+        if a.ndim != 2:
+            raise ValueError(f"{op}: {name} must be a 2-D array, got shape {a.shape}")
+
+
+def _plane_conv(x, k, padding):
+    """A 2-D array correlated with a 2-D kernel, through ``conv`` as one NCHW plane."""
+    return conv(x[None, None], k[None, None], padding=padding, layout="NCHW")[0, 0]
+
+
+def corr2d(x, k):
+    """2-D cross-correlation of one plane with one kernel, valid mode (notes 001/004's ``corr2d``).
+
+    ``Y[i, j] = sum_{a, b} x[i + a, j + b] * k[a, b]``.
+
+    Args:
+      x: ``(H, W)``; k: ``(kh, kw)``, at most as large as ``x``. Integers stay integers.
+
+    Returns:
+      ``(H - kh + 1, W - kw + 1)``.
+
+    >>> corr2d(jnp.arange(9).reshape(3, 3), jnp.array([[0, 1], [2, 3]]))
+    Array([[19, 25],
+           [37, 43]], dtype=int32)
+    """
+    op = "corr2d"
+    x, k = _operands(x, k)
+    _check_2d(op, x=x, k=k)
+    _per_dim(op, conv_output_size, x.shape, k.shape)
+    return _plane_conv(x, k, "VALID")
+
+
+def convolve2d(x, k, mode="valid"):
+    """True 2-D convolution (kernel flipped), equal to ``scipy.signal.convolve2d(x, k, mode)``.
+
+    ``Y[i, j] = sum_{a, b} x[i - a, j - b] * k[a, b]`` with zeros outside ``x`` (scipy's default
+    ``boundary="fill", fillvalue=0``; other boundaries are not offered). As in scipy, ``"valid"``
+    needs one array at least as large as the other in every dim and swaps them when ``k`` is
+    the larger (convolution commutes); ``"same"`` is the centre of the ``"full"`` output, from
+    index ``((kh - 1) // 2, (kw - 1) // 2)``.
+
+    Args:
+      x: ``(H, W)``; k: ``(kh, kw)``; mode: ``"valid"``, ``"same"`` or ``"full"``.
+
+    Returns:
+      ``"valid"``: ``(|H - kh| + 1, |W - kw| + 1)``; ``"same"``: ``(H, W)``;
+      ``"full"``: ``(H + kh - 1, W + kw - 1)``.
+
+    >>> convolve2d(jnp.array([[1, 2, 3]]), jnp.array([[1, -1]]), mode="full")
+    Array([[ 1,  1,  1, -3]], dtype=int32)
+    """
+    op = "convolve2d"
+    x, k = _operands(x, k)
+    _check_2d(op, x=x, k=k)
+    if mode not in _CONVOLVE_PADDING:
+        raise ValueError(f"{op}: mode={mode!r} is not one of {tuple(_CONVOLVE_PADDING)}")
+    if mode == "valid":
+        x_covers_k = all(a >= b for a, b in zip(x.shape, k.shape, strict=True))
+        k_covers_x = all(b >= a for a, b in zip(x.shape, k.shape, strict=True))
+        if not (x_covers_k or k_covers_x):
+            raise ValueError(
+                f"{op}: in mode 'valid' one of x {x.shape} and k {k.shape} must be at least as large as the other "
+                "in every dimension"
+            )
+        if not x_covers_k:
+            x, k = k, x
+    return _plane_conv(x, jnp.flip(k), _CONVOLVE_PADDING[mode])
+
+
+def _check_depthwise_kernel(op: str, name: str, x, kernel, layout: Layout) -> None:
+    _check_kernel_rank(op, x, kernel, layout)
+    c_in = layout.channels(x.shape)
+    if kernel.shape[layout.kernel_in_axis] != 1 or kernel.shape[layout.kernel_out_axis] % c_in:
+        shape_doc = "(*window, 1, C_in * multiplier)" if layout.channels_last else "(C_in * multiplier, 1, *window)"
+        raise ValueError(
+            f"{op}: {name} must be {shape_doc} in layout {layout.lhs} with C_in={c_in}, got shape {kernel.shape}"
+        )
+
+
+def depthwise_conv(
+    x,
+    kernel,
+    bias=None,
+    *,
+    strides=1,
+    padding="VALID",
+    kernel_dilation=1,
+    padding_mode="zeros",
+    layout="NHWC",
+    precision=None,
+):
+    """Depthwise conv: each input channel correlated with its own ``multiplier`` filters (notes 002).
+
+    ``conv`` with ``feature_group_count = C_in``; output channel ``c * multiplier + m`` comes from
+    input channel ``c`` (PyTorch's ``Conv2d(groups=C_in)`` and Flax's ordering).
+
+    Args:
+      x: ``(N, *spatial, C_in)`` or ``(N, C_in, *spatial)``.
+      kernel: ``(*window, 1, C_in * multiplier)`` (``NHWC``) or ``(C_in * multiplier, 1, *window)``
+        (``NCHW``).
+      bias: ``None`` or ``(C_in * multiplier,)``.
+      strides, padding, kernel_dilation, padding_mode, layout, precision: as in ``conv``.
+
+    Returns:
+      ``(N, *out, C_in * multiplier)`` (or channels first), ``out`` as in ``conv``.
+
+    >>> x = jnp.stack([jnp.ones((1, 3)), 2 * jnp.ones((1, 3))], axis=-1)[None]
+    >>> depthwise_conv(x, jnp.ones((1, 2, 1, 2)))[0, 0]
+    Array([[2., 4.],
+           [2., 4.]], dtype=float32)
+    """
+    op = "depthwise_conv"
+    x, kernel = _operands(x, kernel)
+    layout = layout_of(x, layout, op)
+    _check_depthwise_kernel(op, "kernel", x, kernel, layout)
+    return conv(
+        x,
+        kernel,
+        bias,
+        strides=strides,
+        padding=padding,
+        kernel_dilation=kernel_dilation,
+        feature_group_count=layout.channels(x.shape),
+        padding_mode=padding_mode,
+        layout=layout.lhs,
+        precision=precision,
+    )
+
+
+def separable_conv(
+    x,
+    depthwise_kernel,
+    pointwise_kernel,
+    bias=None,
+    *,
+    strides=1,
+    padding="VALID",
+    kernel_dilation=1,
+    padding_mode="zeros",
+    layout="NHWC",
+    precision=None,
+):
+    """Depthwise-separable conv (notes 002, Keras's ``SeparableConv``): depthwise, then 1x1.
+
+    The geometry (strides, padding, dilation) belongs to the depthwise step; the bias is added
+    once, after the pointwise step.
+
+    Args:
+      x: ``(N, *spatial, C_in)`` or ``(N, C_in, *spatial)``.
+      depthwise_kernel: as ``depthwise_conv``'s kernel, ``C_mid = C_in * multiplier`` outputs.
+      pointwise_kernel: ``(1, .., 1, C_mid, C_out)`` (``NHWC``) or ``(C_out, C_mid, 1, .., 1)``.
+      bias: ``None`` or ``(C_out,)``.
+
+    Returns:
+      ``(N, *out, C_out)`` (or channels first), ``out`` as in ``conv``.
+
+    >>> x = jnp.ones((1, 3, 3, 2))
+    >>> separable_conv(x, jnp.ones((2, 2, 1, 2)), jnp.ones((1, 1, 2, 1)), jnp.array([0.5]))[0, :, :, 0]
+    Array([[8.5, 8.5],
+           [8.5, 8.5]], dtype=float32)
+    """
+    op = "separable_conv"
+    x, depthwise_kernel = _operands(x, depthwise_kernel)
+    pointwise_kernel = jnp.asarray(pointwise_kernel)
+    layout = layout_of(x, layout, op)
+    _check_depthwise_kernel(op, "depthwise_kernel", x, depthwise_kernel, layout)
+    _check_kernel_rank(op, x, pointwise_kernel, layout)
+    c_mid = depthwise_kernel.shape[layout.kernel_out_axis]
+    if any(k != 1 for k in _window(pointwise_kernel, layout)) or (
+        pointwise_kernel.shape[layout.kernel_in_axis] != c_mid
+    ):
+        raise ValueError(
+            f"{op}: pointwise_kernel must be a 1x1 kernel ({_kernel_layout(layout)}) with C_mid={c_mid} "
+            f"input channels (the depthwise outputs), got shape {pointwise_kernel.shape}"
+        )
+    y = depthwise_conv(
+        x,
+        depthwise_kernel,
+        strides=strides,
+        padding=padding,
+        kernel_dilation=kernel_dilation,
+        padding_mode=padding_mode,
+        layout=layout.lhs,
+        precision=precision,
+    )
+    return conv(y, pointwise_kernel, bias, layout=layout.lhs, precision=precision)
+
+
+def _only_along(axis: int, values: tuple, neutral) -> tuple:
+    """``values`` kept on spatial ``axis``, ``neutral`` on the others."""
+    return tuple(v if a == axis else neutral for a, v in enumerate(values))
+
+
+def spatially_separable_conv(
+    x,
+    column_kernel,
+    row_kernel,
+    bias=None,
+    *,
+    strides=1,
+    padding="VALID",
+    kernel_dilation=1,
+    feature_group_count=1,
+    layout="NHWC",
+    precision=None,
+):
+    """Spatially separable 2-D conv (notes 002): a ``kh x 1`` conv, then a ``1 x kw`` conv.
+
+    Each step takes its own axis's share of the geometry (strides, padding, dilation along H
+    for the column step, along W for the row step), so for a rank-1 kernel
+    ``K = outer(c, r)`` (see ``rank1_factors``) it equals ``conv`` with ``K``, at
+    ``(kh + kw) / (kh * kw)`` of the multiplies. Both steps use ``feature_group_count``; the
+    bias is added once, at the end.
+
+    Args:
+      x: ``(N, H, W, C_in)`` or ``(N, C_in, H, W)``.
+      column_kernel: ``(kh, 1, C_in // G, C_mid)`` (``NHWC``) or ``(C_mid, C_in // G, kh, 1)``.
+      row_kernel: ``(1, kw, C_mid // G, C_out)`` (``NHWC``) or ``(C_out, C_mid // G, 1, kw)``.
+      bias: ``None`` or ``(C_out,)``.
+      strides, padding, kernel_dilation, feature_group_count, layout, precision: as in ``conv``
+        (2-D only).
+
+    Returns:
+      ``(N, H_out, W_out, C_out)`` (or channels first), the sizes of ``conv`` with a
+      ``kh x kw`` kernel.
+
+    >>> x = jnp.arange(9.0).reshape(1, 3, 3, 1)
+    >>> column, row = jnp.array([1.0, 2.0, 1.0]), jnp.array([1.0, 0.0, -1.0])
+    >>> spatially_separable_conv(x, column.reshape(3, 1, 1, 1), row.reshape(1, 3, 1, 1))[0, :, :, 0]
+    Array([[-8.]], dtype=float32)
+    """
+    op = "spatially_separable_conv"
+    x, column_kernel = _operands(x, column_kernel)
+    row_kernel = jnp.asarray(row_kernel)
+    layout = layout_of(x, layout, op)
+    if layout.spatial_rank != 2:
+        raise ValueError(f"{op}: x must have 2 spatial dims, got shape {x.shape} (layout {layout.lhs})")
+    for name, kernel, ones_axis in (("column_kernel", column_kernel, 1), ("row_kernel", row_kernel, 0)):
+        _check_kernel_rank(op, x, kernel, layout)
+        if _window(kernel, layout)[ones_axis] != 1:
+            shape = "(kh, 1)" if ones_axis == 1 else "(1, kw)"
+            raise ValueError(f"{op}: {name} must have a {shape} window, got shape {kernel.shape}")
+    strides = canonicalize_tuple(strides, 2, "strides", op)
+    kernel_dilation = canonicalize_tuple(kernel_dilation, 2, "kernel_dilation", op)
+    padding = canonicalize_padding(padding, 2, op)
+    common = {"feature_group_count": feature_group_count, "layout": layout.lhs, "precision": precision}
+    column_step, row_step = (
+        {
+            "strides": _only_along(axis, strides, 1),
+            "kernel_dilation": _only_along(axis, kernel_dilation, 1),
+            "padding": padding if isinstance(padding, str) else _only_along(axis, padding, (0, 0)),
+        }
+        for axis in (0, 1)
+    )
+    y = conv(x, column_kernel, **column_step, **common)
+    return conv(y, row_kernel, bias, **row_step, **common)
+
+
+def rank1_factors(kernel_2d, *, rtol=1e-5):
+    """Split a separable (rank-1) 2-D kernel into ``(column, row)`` with ``outer(column, row) == kernel``.
+
+    ``column`` is the kernel's largest-norm column and ``row`` the matching row divided by their
+    shared entry, so integer-friendly kernels factor exactly (Sobel ->
+    ``[1, 2, 1]``, ``[1, 0, -1]``). The kernel counts as rank 1 when
+    ``max|kernel - outer(column, row)| <= rtol * max|kernel|`` (computed in float64); an
+    all-zero kernel gives zero factors. Decides on values, so it is not traceable under ``jit``.
+
+    Args:
+      kernel_2d: ``(kh, kw)``.
+      rtol: relative tolerance of the rank-1 test (default ``1e-5``, float32 round-off).
+
+    Returns:
+      ``(column, row)`` of shapes ``(kh,)`` and ``(kw,)`` in the kernel's floating dtype (the
+      default float for integer kernels).
+
+    Raises:
+      ValueError: if the kernel is not 2-D or not rank 1 within ``rtol``.
+
+    >>> rank1_factors(jnp.array([[1, 0, -1], [2, 0, -2], [1, 0, -1]]))
+    (Array([1., 2., 1.], dtype=float32), Array([ 1.,  0., -1.], dtype=float32))
+    """
+    op = "rank1_factors"
+    kernel = jnp.asarray(kernel_2d)
+    _check_2d(op, kernel_2d=kernel)
+    dtype = jnp.result_type(kernel, 1.0)
+    k = np.asarray(kernel, dtype=np.float64)
+    scale = np.abs(k).max(initial=0.0)
+    if scale == 0:
+        return jnp.zeros(k.shape[0], dtype), jnp.zeros(k.shape[1], dtype)
+    j = int(np.argmax(np.linalg.norm(k, axis=0)))
+    i = int(np.argmax(np.abs(k[:, j])))
+    column, row = k[:, j], k[i] / k[i, j]
+    error = np.abs(k - np.outer(column, row)).max()
+    if error > rtol * scale:
+        singular_values = np.linalg.svd(k, compute_uv=False)
+        raise ValueError(
+            f"{op}: kernel_2d is not rank 1: max|kernel - outer(column, row)| = {error:.3g} > rtol * max|kernel| = "
+            f"{rtol * scale:.3g} (rtol={rtol}); singular values {np.round(singular_values, 6).tolist()}"
+        )
+    return jnp.asarray(column, dtype), jnp.asarray(row, dtype)

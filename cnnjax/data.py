@@ -1,0 +1,306 @@
+"""Datasets as NumPy arrays: the embedded digits, local MNIST / Fashion-MNIST / CIFAR-10 files,
+and deterministic batching.
+
+Every loader returns ``((x_train, y_train), (x_test, y_test))``: NHWC ``float32`` images scaled
+to ``[0, 1]`` and ``int32`` labels in ``0..9``. The file readers never download anything and
+never skip anything: a missing file raises ``FileNotFoundError`` and a corrupt one raises
+``ValueError``, both naming the file and what was expected.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import pickle
+import zlib
+from collections.abc import Iterator
+
+import numpy as np
+
+from cnnjax.shapes import check_positive
+
+NUM_CLASSES = 10
+DIGITS_SPLIT_SEED = 0
+DIGITS_TEST_FRACTION = 0.2
+
+# (file stem, IDX magic number): 0x08 = unsigned bytes, then the number of dimensions.
+_MNIST_FILES = {
+    "train_images": ("train-images-idx3-ubyte", 0x0803),
+    "train_labels": ("train-labels-idx1-ubyte", 0x0801),
+    "test_images": ("t10k-images-idx3-ubyte", 0x0803),
+    "test_labels": ("t10k-labels-idx1-ubyte", 0x0801),
+}
+_CIFAR_DIR = "cifar-10-batches-py"
+_CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+_CIFAR_TEST = "test_batch"
+_CIFAR_SHAPE = (3, 32, 32)
+# What a CIFAR-10 batch may reference when unpickled: NumPy's array reconstructors, nothing else.
+_CIFAR_PICKLE_GLOBALS = frozenset(
+    {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),
+    }
+)
+
+
+def load_digits(size: int = 28):
+    """scikit-learn's bundled 8x8 handwritten digits (1797 images, no network), resized.
+
+    The 0..16 pixel values are scaled to ``[0, 1]`` and resized bilinearly (half-pixel
+    centres, ``jax.image.resize``) to ``size x size``; ``size=8`` keeps the originals. The
+    split is fixed: a permutation from ``np.random.default_rng(0)``, the first 80% (1438
+    images) for training and the last 20% (359 images) for testing.
+
+    Returns:
+        ``((x_train, y_train), (x_test, y_test))`` with ``x: (N, size, size, 1)`` float32 and
+        ``y: (N,)`` int32.
+
+    >>> (x_train, y_train), (x_test, y_test) = load_digits(size=8)
+    >>> x_train.shape, x_test.shape, y_train.dtype
+    ((1438, 8, 8, 1), (359, 8, 8, 1), dtype('int32'))
+    """
+    import jax.image
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    size = check_positive(size, "size", "load_digits")
+    digits = sklearn_digits()
+    x = (digits.images / 16.0).astype(np.float32)[..., None]
+    if size != x.shape[1]:
+        x = np.asarray(jax.image.resize(x, (len(x), size, size, 1), method="bilinear"))
+    y = digits.target.astype(np.int32)
+    order = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(len(x))
+    n_test = int(len(x) * DIGITS_TEST_FRACTION)
+    train, test = order[:-n_test], order[-n_test:]
+    return (x[train], y[train]), (x[test], y[test])
+
+
+def load_mnist(path):
+    """MNIST from the four IDX files in the directory ``path`` (gzipped or not).
+
+    The files keep their distribution names: ``train-images-idx3-ubyte``,
+    ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``, each
+    optionally with ``.gz`` (detected from the file's content, not its name).
+
+    Returns:
+        ``((x_train, y_train), (x_test, y_test))``, ``x: (N, rows, cols, 1)`` float32 in
+        ``[0, 1]`` (``pixel / 255``; 28x28 for the real data) and ``y: (N,)`` int32.
+
+    >>> load_mnist("/nonexistent")
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: load_mnist: data directory /nonexistent does not exist
+    """
+    return _load_idx_dataset(path, "load_mnist")
+
+
+def load_fashion_mnist(path):
+    """Fashion-MNIST from the four IDX files in ``path``: the same files and format as
+    :func:`load_mnist` (Zalando's files keep MNIST's names).
+
+    Returns:
+        ``((x_train, y_train), (x_test, y_test))``, ``x: (N, 28, 28, 1)`` float32, ``y`` int32.
+
+    >>> load_fashion_mnist("/nonexistent")
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: load_fashion_mnist: data directory /nonexistent does not exist
+    """
+    return _load_idx_dataset(path, "load_fashion_mnist")
+
+
+def load_cifar10(path):
+    """CIFAR-10 from its python pickle batches, read from the local directory ``path``.
+
+    ``path`` is the extracted ``cifar-10-batches-py`` directory (``data_batch_1`` ..
+    ``data_batch_5``, ``test_batch``) or a directory holding it. Each batch is a pickled dict
+    with ``data: (N, 3072)`` uint8 (rows of 3x32x32, channels first) and ``labels`` (N ints).
+    Unpickling is restricted to NumPy's array reconstructors, so a file that references any
+    other Python object is rejected rather than executed.
+
+    Returns:
+        ``((x_train, y_train), (x_test, y_test))``, ``x: (N, 32, 32, 3)`` float32 in ``[0, 1]``
+        (NHWC), ``y: (N,)`` int32.
+
+    >>> load_cifar10("/nonexistent")
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: load_cifar10: data directory /nonexistent does not exist
+    """
+    op = "load_cifar10"
+    root = _existing_dir(path, op)
+    if os.path.isdir(os.path.join(root, _CIFAR_DIR)):
+        root = os.path.join(root, _CIFAR_DIR)
+    train = [_read_cifar_batch(_existing_file(root, name, op), op) for name in _CIFAR_TRAIN]
+    x_train = np.concatenate([x for x, _ in train])
+    y_train = np.concatenate([y for _, y in train])
+    return (x_train, y_train), _read_cifar_batch(_existing_file(root, _CIFAR_TEST, op), op)
+
+
+def num_batches(n: int, batch_size: int, drop_remainder: bool) -> int:
+    """How many batches :func:`batches` yields for ``n`` examples: ``floor(n / batch_size)``
+    with ``drop_remainder``, else ``ceil(n / batch_size)``.
+
+    >>> num_batches(10, 4, drop_remainder=False), num_batches(10, 4, drop_remainder=True)
+    (3, 2)
+    """
+    return n // batch_size if drop_remainder else math.ceil(n / batch_size)
+
+
+def batches(
+    x, y, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0, drop_remainder: bool = False
+):
+    """Iterate over ``(x_batch, y_batch)`` pairs of NumPy arrays.
+
+    With ``shuffle`` the order is a permutation drawn from ``np.random.default_rng((seed,
+    epoch))``: the same ``(seed, epoch)`` always gives the same batches, and each epoch gets a
+    fresh order. Without ``shuffle`` the data is read in order (``seed`` and ``epoch`` unused).
+    The last batch holds the remaining ``n mod batch_size`` examples, or is dropped with
+    ``drop_remainder`` (PyTorch's ``drop_last``). Arguments are checked when this is called,
+    not at the first ``next``.
+
+    Args:
+        x: ``(N, ...)``; y: ``(N, ...)``.
+
+    Returns:
+        An iterator of :func:`num_batches` pairs, ``x_batch: (B, ...)``, ``y_batch: (B, ...)``.
+
+    >>> x, y = np.arange(5), np.arange(5) * 10
+    >>> [yb.tolist() for _, yb in batches(x, y, 2)]
+    [[0, 10], [20, 30], [40]]
+    >>> [yb.tolist() for _, yb in batches(x, y, 2, shuffle=True, seed=0, drop_remainder=True)]
+    [[20, 40], [30, 0]]
+    """
+    op = "batches"
+    batch_size = check_positive(batch_size, "batch_size", op)
+    seed = check_positive(seed, "seed", op, minimum=0)
+    epoch = check_positive(epoch, "epoch", op, minimum=0)
+    if len(x) != len(y):
+        raise ValueError(f"{op}: x and y must hold the same number of examples, got {len(x)} and {len(y)}")
+    n = len(x)
+    order = np.random.default_rng((seed, epoch)).permutation(n) if shuffle else np.arange(n)
+    starts = range(0, num_batches(n, batch_size, drop_remainder) * batch_size, batch_size)
+    return _batch_iterator(x, y, order, starts, batch_size)
+
+
+def _batch_iterator(x, y, order, starts, batch_size) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    for start in starts:
+        index = order[start : start + batch_size]
+        yield x[index], y[index]
+
+
+def _existing_dir(path, op: str) -> str:
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{op}: data directory {path} does not exist")
+    return path
+
+
+def _existing_file(root: str, name: str, op: str) -> str:
+    for candidate in (os.path.join(root, name), os.path.join(root, name + ".gz")):
+        if os.path.isfile(candidate):
+            return candidate
+    raise FileNotFoundError(f"{op}: {os.path.join(root, name)} not found (expected {name} or {name}.gz in {root})")
+
+
+def _load_idx_dataset(path, op: str):
+    root = _existing_dir(path, op)
+    arrays = {key: _read_idx(_existing_file(root, stem, op), magic, op) for key, (stem, magic) in _MNIST_FILES.items()}
+
+    def split(kind: str):
+        images_path, images = arrays[f"{kind}_images"]
+        labels_path, labels = arrays[f"{kind}_labels"]
+        if len(images) != len(labels):
+            raise ValueError(
+                f"{op}: {images_path} holds {len(images)} images but {labels_path} holds {len(labels)} labels"
+            )
+        _check_labels(labels, labels_path, op)
+        return (images[..., None] / np.float32(255)), labels.astype(np.int32)
+
+    train, test = split("train"), split("test")
+    if train[0].shape[1:] != test[0].shape[1:]:
+        raise ValueError(f"{op}: train images are {train[0].shape[1:3]} but test images are {test[0].shape[1:3]}")
+    return train, test
+
+
+def _read_idx(path: str, magic: int, op: str) -> tuple[str, np.ndarray]:
+    """One IDX file: a big-endian magic number ``0x0000TTDD`` (T = type, D = number of dims),
+    D big-endian uint32 sizes, then the unsigned-byte data, exactly ``prod(sizes)`` bytes."""
+    content = _read_bytes(path, op)
+    ndim = magic & 0xFF
+    header_size = 4 * (1 + ndim)
+    if len(content) < header_size:
+        raise ValueError(
+            f"{op}: {path} is truncated: {len(content)} bytes, shorter than its {header_size}-byte IDX header"
+        )
+    found = int.from_bytes(content[:4], "big")
+    if found != magic:
+        raise ValueError(
+            f"{op}: {path} has magic number {found:#010x}, expected {magic:#010x} (unsigned bytes, {ndim}-D)"
+        )
+    shape = tuple(int(s) for s in np.frombuffer(content, ">u4", count=ndim, offset=4))
+    expected, found_size = math.prod(shape), len(content) - header_size
+    if found_size != expected:
+        what = "is truncated" if found_size < expected else "has trailing data"
+        raise ValueError(
+            f"{op}: {path} {what}: its header says shape {shape} ({expected} bytes) but it holds {found_size} bytes"
+        )
+    return path, np.frombuffer(content, np.uint8, offset=header_size).reshape(shape)
+
+
+def _read_bytes(path: str, op: str) -> bytes:
+    with open(path, "rb") as f:
+        content = f.read()
+    if content[:2] != b"\x1f\x8b":
+        return content
+    try:
+        return gzip.decompress(content)
+    except (OSError, EOFError, zlib.error) as e:
+        raise ValueError(f"{op}: {path} is not a valid gzip file ({e})") from e
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) not in _CIFAR_PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR-10 batch holds only NumPy arrays")
+        return super().find_class(module, name)
+
+
+def _read_cifar_batch(path: str, op: str) -> tuple[np.ndarray, np.ndarray]:
+    with open(path, "rb") as f:
+        try:
+            batch = _ArrayUnpickler(f, encoding="bytes").load()
+        except Exception as e:  # pickle raises many types on corrupt input; all mean the same here
+            raise ValueError(f"{op}: {path} is not a readable CIFAR-10 pickle batch ({type(e).__name__}: {e})") from e
+    if not isinstance(batch, dict):
+        raise ValueError(f"{op}: {path} should hold a dict with 'data' and 'labels', found {type(batch).__name__}")
+    data = batch.get(b"data", batch.get("data"))
+    labels = batch.get(b"labels", batch.get("labels"))
+    if data is None or labels is None:
+        raise ValueError(f"{op}: {path} should hold 'data' and 'labels' entries, found keys {sorted(batch, key=str)}")
+    row = math.prod(_CIFAR_SHAPE)
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != row:
+        shape, dtype = getattr(data, "shape", None), getattr(data, "dtype", type(data).__name__)
+        raise ValueError(f"{op}: {path}: 'data' should be uint8 of shape (N, {row}), found {dtype} of shape {shape}")
+    labels = np.asarray(labels)
+    if labels.shape != (len(data),):
+        raise ValueError(f"{op}: {path} holds {len(data)} images but {labels.size} labels")
+    _check_labels(labels, path, op)
+    images = data.reshape(-1, *_CIFAR_SHAPE).transpose(0, 2, 3, 1) / np.float32(255)
+    return images, labels.astype(np.int32)
+
+
+def _check_labels(labels: np.ndarray, path: str, op: str) -> None:
+    if labels.size and not (
+        np.issubdtype(labels.dtype, np.integer) and labels.min() >= 0 and labels.max() < NUM_CLASSES
+    ):
+        raise ValueError(
+            f"{op}: {path}: labels must be integers in 0..{NUM_CLASSES - 1}, found {labels.dtype} in [{labels.min()}, {labels.max()}]"
+        )

@@ -1,0 +1,171 @@
+"""Pieces the model zoo shares: width scaling, input checks, the train/eval flag, conv-BN-ReLU.
+
+Every model takes NHWC images and follows Flax NNX's mode convention: ``model.train()`` /
+``model.eval()`` set the ``use_running_average`` and ``deterministic`` flags of its BatchNorm and
+Dropout layers, and ``model(x, train=...)`` overrides them for one call (``train=None`` keeps the
+modules' mode). :func:`eval_flag` turns ``train`` into the flag those layers take.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from cnnjax import nn
+from cnnjax.shapes import check_positive
+
+# He (Kaiming) normal with fan-out, the init torchvision gives ResNet, VGG and MobileNet v2 convs.
+conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def scale_width(features: int, width_multiplier: float) -> int:
+    """``features * width_multiplier`` rounded to the nearest int, at least 1."""
+    return max(1, round(features * width_multiplier))
+
+
+def check_width_multiplier(width_multiplier: float, op: str) -> float:
+    """Return ``width_multiplier`` as a float, raising ``ValueError`` unless it is > 0."""
+    if not width_multiplier > 0:
+        raise ValueError(f"{op}: width_multiplier={width_multiplier!r} must be > 0")
+    return float(width_multiplier)
+
+
+def check_rate(rate: float, name: str, op: str) -> float:
+    """Return a dropout ``rate`` as a float, raising ``ValueError`` unless ``0 <= rate < 1``."""
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"{op}: {name}={rate!r} must be in [0, 1)")
+    return float(rate)
+
+
+def check_images(x, in_features: int, op: str) -> None:
+    """Raise ``ValueError`` unless ``x`` is a batch of NHWC images with ``in_features`` channels."""
+    shape = jnp.shape(x)
+    if len(shape) != 4 or shape[-1] != in_features:
+        raise ValueError(f"{op}: x must be NHWC images (N, H, W, {in_features}), got shape {shape}")
+
+
+def check_classifier_args(num_classes: int, in_features: int, op: str) -> tuple[int, int]:
+    """Validate the two ints every model takes; return them."""
+    return check_positive(num_classes, "num_classes", op), check_positive(in_features, "in_features", op)
+
+
+def eval_flag(train: bool | None) -> bool | None:
+    """The ``use_running_average`` / ``deterministic`` flag for ``train``; ``None`` keeps the mode."""
+    return None if train is None else not train
+
+
+def batch_norm(features: int, *, epsilon: float = 1e-5, rngs: nnx.Rngs) -> nnx.BatchNorm:
+    """``nnx.BatchNorm`` with PyTorch's defaults: momentum 0.1 (Flax's 0.9), ``epsilon`` 1e-5.
+
+    Running statistics are ``nnx.BatchStat``: ``mean <- 0.9 * mean + 0.1 * batch_mean`` in
+    training mode. Flax updates the running variance with the biased batch variance, where
+    PyTorch uses the unbiased one (a factor ``n / (n - 1)`` apart, ``n = N*H*W``).
+    """
+    return nnx.BatchNorm(features, momentum=0.9, epsilon=epsilon, rngs=rngs)
+
+
+class ConvBN(nnx.Module):
+    """A bias-free convolution module, batch norm, then (optionally) ReLU.
+
+    ``x: (N, H, W, C_in)`` -> ``(N, H', W', conv.out_features)`` with the conv's sizes.
+
+    >>> block = conv_bn(3, 8, (3, 3), padding=1, rngs=nnx.Rngs(0))
+    >>> block(jnp.ones((2, 5, 5, 3)), train=False).shape
+    (2, 5, 5, 8)
+    """
+
+    def __init__(self, conv: nnx.Module, *, relu: bool = True, epsilon: float = 1e-5, rngs: nnx.Rngs):
+        self.conv = conv
+        self.norm = batch_norm(conv.out_features, epsilon=epsilon, rngs=rngs)
+        self.relu = relu
+
+    def __call__(self, x, train: bool | None = None):
+        x = self.norm(self.conv(x), eval_flag(train))
+        return jax.nn.relu(x) if self.relu else x
+
+
+def conv_bn(
+    in_features: int,
+    out_features: int,
+    kernel_size: Sequence[int],
+    strides: int = 1,
+    *,
+    padding: int = 0,
+    relu: bool = True,
+    epsilon: float = 1e-5,
+    rngs: nnx.Rngs,
+) -> ConvBN:
+    """:class:`ConvBN` over a bias-free ``cnnjax.nn.Conv`` with PyTorch-style int ``padding``."""
+    conv = nn.Conv(
+        in_features,
+        out_features,
+        kernel_size,
+        strides,
+        padding=padding,
+        use_bias=False,
+        kernel_init=conv_init,
+        rngs=rngs,
+    )
+    return ConvBN(conv, relu=relu, epsilon=epsilon, rngs=rngs)
+
+
+def takes_train(layer) -> bool:
+    """Whether ``layer``'s call has a ``train`` parameter (the zoo's blocks do; pools do not)."""
+    return "train" in inspect.signature(layer).parameters
+
+
+class Stack(nnx.Module):
+    """Apply ``layers`` in order, passing ``train`` to those that take it.
+
+    A zoo block is called as ``layer(x, train)``; a pool or an activation function as
+    ``layer(x)``. ``x`` -> the last layer's output.
+
+    >>> stack = Stack(conv_bn(3, 4, (3, 3), padding=1, rngs=nnx.Rngs(0)), nn.MaxPool((2, 2)), jax.nn.relu)
+    >>> stack(jnp.ones((1, 4, 4, 3)), train=False).shape
+    (1, 2, 2, 4)
+    """
+
+    def __init__(self, *layers):
+        self.layers = nnx.List(layers)
+        self.takes_train = tuple(takes_train(layer) for layer in layers)
+
+    def __call__(self, x, train: bool | None = None):
+        for layer, with_train in zip(self.layers, self.takes_train, strict=True):
+            x = layer(x, train) if with_train else layer(x)
+        return x
+
+
+class MLPHead(nnx.Module):
+    """Classifier head ``(Linear -> ReLU -> Dropout) * len(hidden) -> Linear``.
+
+    ``x: (N, in_features)`` -> ``(N, out_features)``. Dropout follows each hidden ReLU, as in
+    the AlexNet paper and torchvision's VGG (torchvision's AlexNet puts it before each Linear).
+
+    >>> head = MLPHead(4, (8, 8), 3, dropout_rate=0.5, rngs=nnx.Rngs(0))
+    >>> head(jnp.ones((2, 4)), train=False).shape
+    (2, 3)
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: Sequence[int],
+        out_features: int,
+        *,
+        dropout_rate: float,
+        rngs: nnx.Rngs,
+    ):
+        sizes = (in_features, *hidden_features)
+        self.hidden = nnx.List(nnx.Linear(i, o, rngs=rngs) for i, o in itertools.pairwise(sizes))
+        self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+        self.out = nnx.Linear(sizes[-1], out_features, rngs=rngs)
+
+    def __call__(self, x, train: bool | None = None):
+        for linear in self.hidden:
+            x = self.dropout(jax.nn.relu(linear(x)), deterministic=eval_flag(train))
+        return self.out(x)

@@ -1,0 +1,98 @@
+"""VGG (Simonyan & Zisserman 2014, arXiv:1409.1556): stacks of 3x3 convs between max-pools."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+from flax import nnx
+
+from cnnjax import nn
+from cnnjax.models._blocks import (
+    MLPHead,
+    Stack,
+    check_classifier_args,
+    check_images,
+    check_rate,
+    check_width_multiplier,
+    conv_init,
+    scale_width,
+)
+from cnnjax.shapes import check_positive
+
+
+class VGG(nnx.Module):
+    """VGG: for each stage, 3x3 convs (padding 1, ReLU) with the stage's widths, then max-pool 2/2.
+
+    ``stage_features`` lists each stage's conv widths (see the ``vgg11`` / ``vgg16`` presets).
+    After the convs: adaptive average pooling to 7x7 and the classifier
+    ``(Linear 4096 -> ReLU -> Dropout) x 2 -> Linear num_classes``, as torchvision's ``VGG``
+    (``vgg11``: 132,863,336 and ``vgg16``: 138,357,544 trainable parameters for 1000 classes,
+    224x224 inputs, at least 32x32).
+
+    ``small_input=True`` (28x28 or 32x32 images) keeps the convs but pools with ``"SAME"``
+    padding (``ceil(n / 2)``, so five pools take 28 down to 1 as well as 32) and averages the last
+    map to 1x1, so the classifier reads the last stage's width. ``width_multiplier`` scales every
+    conv, ``hidden_features`` the two hidden Linear layers.
+
+    ``x: (N, H, W, in_features)`` NHWC -> ``(N, num_classes)`` logits. Dropout is active in
+    training mode, the mode a new model starts in: ``model.eval()`` / ``model.train()`` switch it,
+    ``model(x, train=...)`` overrides it for one call.
+
+    >>> import jax, jax.numpy as jnp
+    >>> model = nnx.eval_shape(lambda: vgg16(num_classes=1000, rngs=nnx.Rngs(0)))  # abstract: no weights
+    >>> sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    138357544
+    >>> model = nnx.eval_shape(lambda: vgg11(small_input=True, rngs=nnx.Rngs(0)))
+    >>> nnx.eval_shape(lambda m, x: m(x, train=False), model, jnp.zeros((2, 28, 28, 3))).shape
+    (2, 10)
+    """
+
+    def __init__(
+        self,
+        *,
+        stage_features: Sequence[Sequence[int]],
+        num_classes: int = 10,
+        in_features: int = 3,
+        small_input: bool = False,
+        width_multiplier: float = 1.0,
+        hidden_features: int = 4096,
+        dropout_rate: float = 0.5,
+        rngs: nnx.Rngs,
+    ):
+        op = "VGG"
+        num_classes, in_features = check_classifier_args(num_classes, in_features, op)
+        width_multiplier = check_width_multiplier(width_multiplier, op)
+        hidden_features = check_positive(hidden_features, "hidden_features", op)
+        dropout_rate = check_rate(dropout_rate, "dropout_rate", op)
+        if not stage_features or not all(stage_features):
+            raise ValueError(f"VGG: stage_features={stage_features!r} must list one or more non-empty stages")
+        layers, features = [], in_features
+        for stage in stage_features:
+            for width in stage:
+                out = scale_width(check_positive(width, "stage_features", op), width_multiplier)
+                layers += [nn.Conv(features, out, (3, 3), padding=1, kernel_init=conv_init, rngs=rngs), jax.nn.relu]
+                features = out
+            layers.append(nn.MaxPool((2, 2), 2, "SAME" if small_input else "VALID"))
+        pooled = 1 if small_input else 7
+        self.in_features = in_features
+        self.features = Stack(*layers)
+        self.pool = nn.AdaptiveAvgPool((pooled, pooled))
+        self.classifier = MLPHead(
+            features * pooled * pooled,
+            (hidden_features, hidden_features),
+            num_classes,
+            dropout_rate=dropout_rate,
+            rngs=rngs,
+        )
+
+    def __call__(self, x, train: bool | None = None):
+        check_images(x, self.in_features, "VGG")
+        x = self.pool(self.features(x))
+        return self.classifier(x.reshape(x.shape[0], -1), train)
+
+
+# Configurations "A" (11 weight layers) and "D" (16) of the paper's Table 1.
+vgg11 = functools.partial(VGG, stage_features=((64,), (128,), (256, 256), (512, 512), (512, 512)))
+vgg16 = functools.partial(VGG, stage_features=((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512)))

@@ -1,0 +1,570 @@
+"""Flax NNX modules over cnnjax's functional ops: NHWC inputs, parameters ``kernel``/``bias``.
+
+Every module is thin: ``__init__`` creates parameters, ``__call__`` calls one functional op from
+:mod:`cnnjax.convolution` or :mod:`cnnjax.pooling` and nothing else. Inputs are batched and
+channels-last, ``(N, *spatial, C)`` with 1 to 3 spatial dims; the functional op validates them.
+
+``Conv`` takes the arguments ``flax.nnx.Conv`` takes for the options they share, with the same
+meaning and defaults (kernel ``(*kernel_size, in_features // feature_group_count, out_features)``,
+LeCun-normal kernel, zero bias, ``padding="SAME"``), so one can replace the other and, with the
+same parameters, both give the same output. As in Flax, an int ``kernel_size`` means a 1-D kernel
+``(k,)``: write ``(3, 3)`` for a 2-D one. Differences: ``padding`` also takes PyTorch-style ints
+and ``"SAME_LOWER"``/``"FULL"``; boundary handling is ``padding_mode`` (``"reflect"``,
+``"replicate"``, ``"circular"``) rather than Flax's ``"CIRCULAR"``/``"REFLECT"`` padding strings;
+inputs must have exactly one batch dim.
+
+Every ``__call__`` is wrapped by :func:`_recorded`, which reports ``(module, x, y)`` to the
+recorder installed by :func:`cnnjax.analysis.summary` (a ``contextvars`` hook; a no-op otherwise).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+from collections.abc import Callable, Sequence
+
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx.nn.dtypes import promote_dtype
+
+from cnnjax.convolution import conv, conv_transpose, depthwise_conv, separable_conv
+from cnnjax.pooling import (
+    adaptive_avg_pool,
+    adaptive_max_pool,
+    avg_pool,
+    global_avg_pool,
+    global_max_pool,
+    lp_pool,
+    max_pool,
+    spatial_pyramid_pool,
+)
+from cnnjax.shapes import check_positive
+
+__all__ = [
+    "AdaptiveAvgPool",
+    "AdaptiveMaxPool",
+    "AvgPool",
+    "Conv",
+    "ConvTranspose",
+    "DepthwiseConv",
+    "GlobalAvgPool",
+    "GlobalMaxPool",
+    "LPPool",
+    "MaxPool",
+    "SeparableConv",
+    "SpatialPyramidPool",
+]
+
+default_kernel_init = nnx.initializers.lecun_normal()
+default_bias_init = nnx.initializers.zeros_init()
+
+_RECORDER: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("cnnjax_nn_recorder", default=None)
+
+
+@contextlib.contextmanager
+def _recording(callback: Callable):
+    """Within the block, every recorded ``__call__`` also calls ``callback(module, x, y)``."""
+    token = _RECORDER.set(callback)
+    try:
+        yield
+    finally:
+        _RECORDER.reset(token)
+
+
+def _recorded(call: Callable) -> Callable:
+    """Wrap a module's ``__call__(self, x, ...)`` so the active recorder sees ``(self, x, y)``."""
+
+    @functools.wraps(call)
+    def wrapper(self, x, *args, **kwargs):
+        y = call(self, x, *args, **kwargs)
+        callback = _RECORDER.get()
+        if callback is not None:
+            callback(self, x, y)
+        return y
+
+    return wrapper
+
+
+def _kernel_size(kernel_size, op: str) -> tuple[int, ...]:
+    """Flax's rule: an int is a 1-D kernel ``(k,)``, a sequence gives one size per spatial dim."""
+    if isinstance(kernel_size, Sequence) and not isinstance(kernel_size, str):
+        if not 1 <= len(kernel_size) <= 3:
+            raise ValueError(f"{op}: kernel_size={tuple(kernel_size)!r} must have 1 to 3 entries")
+        return tuple(check_positive(k, "kernel_size", op) for k in kernel_size)
+    return (check_positive(kernel_size, "kernel_size", op),)
+
+
+def _group_count(in_features: int, out_features: int, feature_group_count: int, op: str) -> int:
+    """Check that the group count divides both feature counts; return it as an int."""
+    in_features = check_positive(in_features, "in_features", op)
+    out_features = check_positive(out_features, "out_features", op)
+    groups = check_positive(feature_group_count, "feature_group_count", op)
+    for name, value in (("in_features", in_features), ("out_features", out_features)):
+        if value % groups:
+            raise ValueError(f"{op}: feature_group_count={groups} must divide {name}={value}")
+    return groups
+
+
+def _bias(use_bias: bool, bias_init, rngs: nnx.Rngs, features: int, param_dtype):
+    """A ``(features,)`` ``nnx.Param`` named by the caller, or ``None`` without bias."""
+    if use_bias:
+        return nnx.Param(bias_init(rngs.params(), (features,), param_dtype))
+    return nnx.data(None)
+
+
+def _params(module, x, *params):
+    """The input and the parameters' values, promoted to ``module.dtype`` as Flax does."""
+    values = tuple(None if p is None else p[...] for p in params)
+    return promote_dtype((x, *values), dtype=module.dtype)
+
+
+class Conv(nnx.Module):
+    """Convolution (cross-correlation), a drop-in for ``flax.nnx.Conv``, calling :func:`cnnjax.convolution.conv`.
+
+    ``x: (N, *spatial, in_features)`` -> ``(N, *out, out_features)`` with, per spatial dim,
+    ``out = floor((n + lo + hi - d*(k-1) - 1) / s) + 1`` (``"SAME"``: ``ceil(n / s)``).
+    Parameters: ``kernel`` ``(*kernel_size, in_features // feature_group_count, out_features)``
+    (HWIO) and ``bias`` ``(out_features,)``. ``vjp`` picks the backward pass (``"auto"``,
+    ``"xla"``, ``"closed_form"``: the notes' formulas).
+
+    >>> layer = Conv(3, 8, (3, 3), rngs=nnx.Rngs(0))
+    >>> layer.kernel.shape, layer(jnp.ones((2, 16, 16, 3))).shape
+    ((3, 3, 3, 8), (2, 16, 16, 8))
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: int | Sequence[int],
+        strides: int | Sequence[int] = 1,
+        *,
+        padding="SAME",
+        input_dilation: int | Sequence[int] = 1,
+        kernel_dilation: int | Sequence[int] = 1,
+        feature_group_count: int = 1,
+        use_bias: bool = True,
+        padding_mode: str = "zeros",
+        dtype=None,
+        param_dtype=jnp.float32,
+        precision=None,
+        kernel_init=default_kernel_init,
+        bias_init=default_bias_init,
+        vjp: str = "auto",
+        rngs: nnx.Rngs,
+    ):
+        op = "Conv"
+        self.kernel_size = _kernel_size(kernel_size, op)
+        self.feature_group_count = _group_count(in_features, out_features, feature_group_count, op)
+        self.in_features, self.out_features = in_features, out_features
+        kernel_shape = (*self.kernel_size, in_features // self.feature_group_count, out_features)
+        self.kernel = nnx.Param(kernel_init(rngs.params(), kernel_shape, param_dtype))
+        self.bias = _bias(use_bias, bias_init, rngs, out_features, param_dtype)
+        self.strides, self.padding, self.padding_mode = strides, padding, padding_mode
+        self.input_dilation, self.kernel_dilation = input_dilation, kernel_dilation
+        self.use_bias, self.dtype, self.param_dtype = use_bias, dtype, param_dtype
+        self.precision, self.vjp = precision, vjp
+
+    @_recorded
+    def __call__(self, x):
+        x, kernel, bias = _params(self, x, self.kernel, self.bias)
+        return conv(
+            x,
+            kernel,
+            bias,
+            strides=self.strides,
+            padding=self.padding,
+            kernel_dilation=self.kernel_dilation,
+            input_dilation=self.input_dilation,
+            feature_group_count=self.feature_group_count,
+            padding_mode=self.padding_mode,
+            precision=self.precision,
+            vjp=self.vjp,
+        )
+
+
+class ConvTranspose(nnx.Module):
+    """Transposed convolution, the adjoint of :class:`Conv`, calling :func:`cnnjax.convolution.conv_transpose`.
+
+    ``x: (N, *spatial, in_features)`` -> ``(N, *out, out_features)`` with, per spatial dim,
+    ``out = (n-1)*s - lo - hi + d*(k-1) + 1 + output_padding`` (``"SAME"``: ``n*s``;
+    ``"VALID"``: ``(n-1)*s + d*(k-1) + 1``). It computes exactly PyTorch's ``ConvTranspose``:
+    ``padding=p`` (an int) and ``output_padding`` mean what they mean there.
+
+    Parameters: ``kernel`` ``(*kernel_size, out_features // feature_group_count, in_features)``,
+    the kernel of the forward :class:`Conv` it is the gradient of
+    (:func:`cnnjax.init.from_torch_conv` converts a PyTorch ``ConvTranspose`` weight to it), and
+    ``bias`` ``(out_features,)``. Unlike ``flax.nnx.ConvTranspose``, whose kernel is
+    ``(*kernel_size, in_features, out_features)`` and which by default dilates the input without
+    flipping the kernel, this module is the true adjoint (like Flax's ``transpose_kernel=True``),
+    supports groups, and its ``padding`` follows PyTorch rather than ``lax.conv_transpose``. The
+    default init is LeCun-normal on this kernel, i.e. fan-in
+    ``prod(kernel_size) * out_features // groups``, the fan PyTorch uses for ``ConvTranspose``.
+
+    >>> layer = ConvTranspose(8, 3, (4, 4), 2, padding=1, rngs=nnx.Rngs(0))
+    >>> layer.kernel.shape, layer(jnp.ones((2, 5, 5, 8))).shape
+    ((4, 4, 3, 8), (2, 10, 10, 3))
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: int | Sequence[int],
+        strides: int | Sequence[int] = 1,
+        *,
+        padding="SAME",
+        output_padding: int | Sequence[int] = 0,
+        kernel_dilation: int | Sequence[int] = 1,
+        feature_group_count: int = 1,
+        use_bias: bool = True,
+        dtype=None,
+        param_dtype=jnp.float32,
+        precision=None,
+        kernel_init=default_kernel_init,
+        bias_init=default_bias_init,
+        rngs: nnx.Rngs,
+    ):
+        op = "ConvTranspose"
+        self.kernel_size = _kernel_size(kernel_size, op)
+        self.feature_group_count = _group_count(in_features, out_features, feature_group_count, op)
+        self.in_features, self.out_features = in_features, out_features
+        kernel_shape = (*self.kernel_size, out_features // self.feature_group_count, in_features)
+        self.kernel = nnx.Param(kernel_init(rngs.params(), kernel_shape, param_dtype))
+        self.bias = _bias(use_bias, bias_init, rngs, out_features, param_dtype)
+        self.strides, self.padding, self.output_padding = strides, padding, output_padding
+        self.kernel_dilation = kernel_dilation
+        self.use_bias, self.dtype, self.param_dtype, self.precision = use_bias, dtype, param_dtype, precision
+
+    @_recorded
+    def __call__(self, x):
+        x, kernel, bias = _params(self, x, self.kernel, self.bias)
+        return conv_transpose(
+            x,
+            kernel,
+            bias,
+            strides=self.strides,
+            padding=self.padding,
+            output_padding=self.output_padding,
+            kernel_dilation=self.kernel_dilation,
+            feature_group_count=self.feature_group_count,
+            precision=self.precision,
+        )
+
+
+class DepthwiseConv(nnx.Module):
+    """Depthwise convolution (one filter bank per channel), calling :func:`cnnjax.convolution.depthwise_conv`.
+
+    ``x: (N, *spatial, in_features)`` -> ``(N, *out, in_features * depth_multiplier)``, sizes as
+    :class:`Conv`. Parameters: ``kernel`` ``(*kernel_size, 1, in_features * depth_multiplier)``
+    (output channel ``c*m + j`` reads input channel ``c``, as Keras and PyTorch's
+    ``groups=in_channels``) and ``bias``.
+
+    >>> layer = DepthwiseConv(4, (3, 3), depth_multiplier=2, rngs=nnx.Rngs(0))
+    >>> layer.kernel.shape, layer(jnp.ones((1, 6, 6, 4))).shape
+    ((3, 3, 1, 8), (1, 6, 6, 8))
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        kernel_size: int | Sequence[int],
+        strides: int | Sequence[int] = 1,
+        *,
+        depth_multiplier: int = 1,
+        padding="SAME",
+        kernel_dilation: int | Sequence[int] = 1,
+        use_bias: bool = True,
+        padding_mode: str = "zeros",
+        dtype=None,
+        param_dtype=jnp.float32,
+        precision=None,
+        kernel_init=default_kernel_init,
+        bias_init=default_bias_init,
+        rngs: nnx.Rngs,
+    ):
+        op = "DepthwiseConv"
+        self.kernel_size = _kernel_size(kernel_size, op)
+        self.in_features = check_positive(in_features, "in_features", op)
+        self.depth_multiplier = check_positive(depth_multiplier, "depth_multiplier", op)
+        self.out_features = self.in_features * self.depth_multiplier
+        kernel_shape = (*self.kernel_size, 1, self.out_features)
+        self.kernel = nnx.Param(kernel_init(rngs.params(), kernel_shape, param_dtype))
+        self.bias = _bias(use_bias, bias_init, rngs, self.out_features, param_dtype)
+        self.strides, self.padding, self.kernel_dilation = strides, padding, kernel_dilation
+        self.padding_mode, self.use_bias, self.dtype = padding_mode, use_bias, dtype
+        self.param_dtype, self.precision = param_dtype, precision
+
+    @_recorded
+    def __call__(self, x):
+        x, kernel, bias = _params(self, x, self.kernel, self.bias)
+        return depthwise_conv(
+            x,
+            kernel,
+            bias,
+            strides=self.strides,
+            padding=self.padding,
+            kernel_dilation=self.kernel_dilation,
+            padding_mode=self.padding_mode,
+            precision=self.precision,
+        )
+
+
+class SeparableConv(nnx.Module):
+    """Depthwise-separable convolution (depthwise, then 1x1), calling :func:`cnnjax.convolution.separable_conv`.
+
+    ``x: (N, *spatial, in_features)`` -> ``(N, *out, out_features)``, sizes as :class:`Conv`
+    (the stride and padding belong to the depthwise step). Parameters: ``depthwise_kernel``
+    ``(*kernel_size, 1, in_features * depth_multiplier)``, ``pointwise_kernel``
+    ``(1, ..., 1, in_features * depth_multiplier, out_features)`` and ``bias`` ``(out_features,)``
+    (Keras's ``SeparableConv2D``: one bias, after the pointwise step).
+
+    >>> layer = SeparableConv(4, 8, (3, 3), rngs=nnx.Rngs(0))
+    >>> layer.depthwise_kernel.shape, layer.pointwise_kernel.shape, layer(jnp.ones((1, 6, 6, 4))).shape
+    ((3, 3, 1, 4), (1, 1, 4, 8), (1, 6, 6, 8))
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: int | Sequence[int],
+        strides: int | Sequence[int] = 1,
+        *,
+        depth_multiplier: int = 1,
+        padding="SAME",
+        kernel_dilation: int | Sequence[int] = 1,
+        use_bias: bool = True,
+        padding_mode: str = "zeros",
+        dtype=None,
+        param_dtype=jnp.float32,
+        precision=None,
+        depthwise_init=default_kernel_init,
+        pointwise_init=default_kernel_init,
+        bias_init=default_bias_init,
+        rngs: nnx.Rngs,
+    ):
+        op = "SeparableConv"
+        self.kernel_size = _kernel_size(kernel_size, op)
+        self.in_features = check_positive(in_features, "in_features", op)
+        self.out_features = check_positive(out_features, "out_features", op)
+        self.depth_multiplier = check_positive(depth_multiplier, "depth_multiplier", op)
+        mid = self.in_features * self.depth_multiplier
+        ones = (1,) * len(self.kernel_size)
+        self.depthwise_kernel = nnx.Param(depthwise_init(rngs.params(), (*self.kernel_size, 1, mid), param_dtype))
+        self.pointwise_kernel = nnx.Param(pointwise_init(rngs.params(), (*ones, mid, out_features), param_dtype))
+        self.bias = _bias(use_bias, bias_init, rngs, out_features, param_dtype)
+        self.strides, self.padding, self.kernel_dilation = strides, padding, kernel_dilation
+        self.padding_mode, self.use_bias, self.dtype = padding_mode, use_bias, dtype
+        self.param_dtype, self.precision = param_dtype, precision
+
+    @_recorded
+    def __call__(self, x):
+        x, depthwise, pointwise, bias = _params(self, x, self.depthwise_kernel, self.pointwise_kernel, self.bias)
+        return separable_conv(
+            x,
+            depthwise,
+            pointwise,
+            bias,
+            strides=self.strides,
+            padding=self.padding,
+            kernel_dilation=self.kernel_dilation,
+            padding_mode=self.padding_mode,
+            precision=self.precision,
+        )
+
+
+class MaxPool(nnx.Module):
+    """Max pooling, calling :func:`cnnjax.pooling.max_pool`; no parameters.
+
+    ``x: (N, *spatial, C)`` -> ``(N, *out, C)``, ``out`` by PyTorch's pooling rule
+    (:func:`cnnjax.shapes.pool_output_size`). ``strides=None`` means strides = window
+    (PyTorch's default; Flax's ``nnx.max_pool`` uses 1). Padding never wins the max.
+
+    >>> MaxPool((2, 2))(jnp.arange(16.0).reshape(1, 4, 4, 1))[0, ..., 0]
+    Array([[ 5.,  7.],
+           [13., 15.]], dtype=float32)
+    """
+
+    def __init__(
+        self,
+        window_shape: int | Sequence[int],
+        strides: int | Sequence[int] | None = None,
+        padding="VALID",
+        *,
+        window_dilation: int | Sequence[int] = 1,
+        ceil_mode: bool = False,
+        vjp: str = "auto",
+    ):
+        self.window_shape, self.strides, self.padding = window_shape, strides, padding
+        self.window_dilation, self.ceil_mode, self.vjp = window_dilation, ceil_mode, vjp
+
+    @_recorded
+    def __call__(self, x):
+        return max_pool(
+            x,
+            self.window_shape,
+            self.strides,
+            self.padding,
+            window_dilation=self.window_dilation,
+            ceil_mode=self.ceil_mode,
+            vjp=self.vjp,
+        )
+
+
+class AvgPool(nnx.Module):
+    """Average pooling, calling :func:`cnnjax.pooling.avg_pool`; no parameters.
+
+    ``x: (N, *spatial, C)`` -> ``(N, *out, C)``, sizes as :class:`MaxPool`. Padding counts as
+    zeros in the mean when ``count_include_pad`` (PyTorch's default), and ``divisor_override``
+    replaces the divisor, both as in PyTorch.
+
+    >>> AvgPool(2)(jnp.arange(16.0).reshape(1, 4, 4, 1))[0, ..., 0]
+    Array([[ 2.5,  4.5],
+           [10.5, 12.5]], dtype=float32)
+    """
+
+    def __init__(
+        self,
+        window_shape: int | Sequence[int],
+        strides: int | Sequence[int] | None = None,
+        padding="VALID",
+        *,
+        ceil_mode: bool = False,
+        count_include_pad: bool = True,
+        divisor_override: int | None = None,
+        vjp: str = "auto",
+    ):
+        self.window_shape, self.strides, self.padding = window_shape, strides, padding
+        self.ceil_mode, self.count_include_pad, self.divisor_override = ceil_mode, count_include_pad, divisor_override
+        self.vjp = vjp
+
+    @_recorded
+    def __call__(self, x):
+        return avg_pool(
+            x,
+            self.window_shape,
+            self.strides,
+            self.padding,
+            ceil_mode=self.ceil_mode,
+            count_include_pad=self.count_include_pad,
+            divisor_override=self.divisor_override,
+            vjp=self.vjp,
+        )
+
+
+class LPPool(nnx.Module):
+    """Power-average (LP) pooling ``(sum x^p)^(1/p)`` over each window, calling :func:`cnnjax.pooling.lp_pool`.
+
+    ``x: (N, *spatial, C)`` -> ``(N, *out, C)``, sizes as :class:`MaxPool`; PyTorch's
+    ``LPPool2d(norm_type=p, ...)``.
+
+    >>> LPPool(2, 2)(jnp.full((1, 4, 4, 1), 3.0))[0, ..., 0]
+    Array([[6., 6.],
+           [6., 6.]], dtype=float32)
+    """
+
+    def __init__(
+        self,
+        p: float,
+        window_shape: int | Sequence[int],
+        strides: int | Sequence[int] | None = None,
+        padding="VALID",
+        *,
+        ceil_mode: bool = False,
+    ):
+        self.p, self.window_shape, self.strides, self.padding = p, window_shape, strides, padding
+        self.ceil_mode = ceil_mode
+
+    @_recorded
+    def __call__(self, x):
+        return lp_pool(x, self.p, self.window_shape, self.strides, self.padding, ceil_mode=self.ceil_mode)
+
+
+class GlobalAvgPool(nnx.Module):
+    """Mean over all spatial dims, calling :func:`cnnjax.pooling.global_avg_pool`.
+
+    ``x: (N, *spatial, C)`` -> ``(N, C)``, or ``(N, 1, ..., 1, C)`` with ``keepdims``.
+
+    >>> GlobalAvgPool()(jnp.arange(8.0).reshape(1, 2, 2, 2))
+    Array([[3., 4.]], dtype=float32)
+    """
+
+    def __init__(self, keepdims: bool = False):
+        self.keepdims = keepdims
+
+    @_recorded
+    def __call__(self, x):
+        return global_avg_pool(x, keepdims=self.keepdims)
+
+
+class GlobalMaxPool(nnx.Module):
+    """Max over all spatial dims, calling :func:`cnnjax.pooling.global_max_pool`.
+
+    ``x: (N, *spatial, C)`` -> ``(N, C)``, or ``(N, 1, ..., 1, C)`` with ``keepdims``.
+
+    >>> GlobalMaxPool()(jnp.arange(8.0).reshape(1, 2, 2, 2))
+    Array([[6., 7.]], dtype=float32)
+    """
+
+    def __init__(self, keepdims: bool = False):
+        self.keepdims = keepdims
+
+    @_recorded
+    def __call__(self, x):
+        return global_max_pool(x, keepdims=self.keepdims)
+
+
+class AdaptiveAvgPool(nnx.Module):
+    """Average over PyTorch's adaptive bins, calling :func:`cnnjax.pooling.adaptive_avg_pool`.
+
+    ``x: (N, *spatial, C)`` -> ``(N, *output_size, C)``; bin ``i`` of a dim of length ``L``
+    covers ``[floor(i*L/o), ceil((i+1)*L/o))``.
+
+    >>> AdaptiveAvgPool((1, 2))(jnp.arange(8.0).reshape(1, 2, 4, 1))[0, ..., 0]
+    Array([[2.5, 4.5]], dtype=float32)
+    """
+
+    def __init__(self, output_size: int | Sequence[int]):
+        self.output_size = output_size
+
+    @_recorded
+    def __call__(self, x):
+        return adaptive_avg_pool(x, self.output_size)
+
+
+class AdaptiveMaxPool(nnx.Module):
+    """Max over PyTorch's adaptive bins, calling :func:`cnnjax.pooling.adaptive_max_pool`.
+
+    ``x: (N, *spatial, C)`` -> ``(N, *output_size, C)``, bins as :class:`AdaptiveAvgPool`.
+
+    >>> AdaptiveMaxPool((1, 2))(jnp.arange(8.0).reshape(1, 2, 4, 1))[0, ..., 0]
+    Array([[5., 7.]], dtype=float32)
+    """
+
+    def __init__(self, output_size: int | Sequence[int]):
+        self.output_size = output_size
+
+    @_recorded
+    def __call__(self, x):
+        return adaptive_max_pool(x, self.output_size)
+
+
+class SpatialPyramidPool(nnx.Module):
+    """Spatial pyramid pooling, calling :func:`cnnjax.pooling.spatial_pyramid_pool`.
+
+    ``x: (N, *spatial, C)`` -> ``(N, C * sum(l**rank for l in levels))``: for each level an
+    adaptive ``mode`` (``"max"`` or ``"avg"``) pool to ``(l, ..., l)``, flattened in
+    ``(l, ..., l, C)`` order, concatenated.
+
+    >>> SpatialPyramidPool((1, 2))(jnp.ones((2, 13, 13, 3))).shape
+    (2, 15)
+    """
+
+    def __init__(self, levels: Sequence[int] = (1, 2, 4), mode: str = "max"):
+        self.levels, self.mode = levels, mode
+
+    @_recorded
+    def __call__(self, x):
+        return spatial_pyramid_pool(x, self.levels, self.mode)

@@ -1,0 +1,253 @@
+"""Forward+backward time of conv and pooling layers: JAX autodiff vs the notes' closed forms vs PyTorch.
+
+For a table of layer shapes from LeNet-5, ResNet-18 (CIFAR and ImageNet stems) and MobileNet
+(depthwise), times the jitted forward + backward (``jax.vjp`` then the cotangent: output,
+input gradient and, for convs, kernel gradient) of ``cnnjax.conv`` / ``max_pool`` / ``avg_pool``
+under ``vjp="xla"`` and ``vjp="closed_form"``, and PyTorch's ``forward`` + ``backward`` on the same
+shapes in its default NCHW layout and in ``channels_last`` (the NHWC memory layout cnnjax uses),
+with as many threads as JAX's CPU backend (one per core here). Every function is warmed up
+(compiled) first; the methods are then timed round-robin, ``--rounds`` times, and the median is
+reported, so a busy machine slows all of them alike (JAX's and PyTorch's blocks are separate:
+each framework's idle worker threads would slow the other's next call). The ``auto`` column is what ``vjp="auto"``
+picks on this backend (``cnnjax.backprop._AUTO``); ratios are against ``auto``.
+
+Run (from the repository root, on an otherwise idle machine):
+
+    python experiments/bench_backprop.py                 # full table, about 3 minutes on 2 cores
+    python experiments/bench_backprop.py --quick         # smaller batches, 3 rounds
+    python experiments/bench_backprop.py --only conv --json /tmp/bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import time
+
+import jax
+import numpy as np
+
+from cnnjax.backprop import resolve_vjp
+from cnnjax.convolution import conv
+from cnnjax.pooling import avg_pool, max_pool
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One layer: NHWC input ``(batch, size, size, channels)`` and its op's geometry."""
+
+    model: str
+    op: str  # "conv", "max_pool" or "avg_pool"
+    batch: int
+    size: int
+    channels: int
+    window: int
+    strides: int = 1
+    padding: int = 0
+    features: int = 0  # conv output channels
+    groups: int = 1
+
+    @property
+    def label(self) -> str:
+        shape = f"{self.batch}x{self.size}x{self.size}x{self.channels}"
+        if self.op == "conv":
+            kind = "dw " if self.groups > 1 else ""
+            return f"{kind}conv {self.window}x{self.window}/{self.strides} {shape} -> {self.features}"
+        return f"{self.op} {self.window}x{self.window}/{self.strides} {shape}"
+
+
+CASES = (
+    Case("LeNet-5", "conv", 64, 28, 1, 5, padding=2, features=6),
+    Case("LeNet-5", "avg_pool", 64, 28, 6, 2, strides=2),
+    Case("LeNet-5", "conv", 64, 14, 6, 5, features=16),
+    Case("LeNet-5", "avg_pool", 64, 10, 16, 2, strides=2),
+    Case("ResNet-18 CIFAR", "conv", 32, 32, 64, 3, padding=1, features=64),
+    Case("ResNet-18 CIFAR", "conv", 32, 32, 64, 3, strides=2, padding=1, features=128),
+    Case("ResNet-18 CIFAR", "conv", 32, 32, 64, 1, strides=2, features=128),
+    Case("ResNet-18 CIFAR", "conv", 32, 8, 256, 3, padding=1, features=256),
+    Case("ResNet-18 ImageNet", "conv", 8, 224, 3, 7, strides=2, padding=3, features=64),
+    Case("ResNet-18 ImageNet", "max_pool", 8, 112, 64, 3, strides=2, padding=1),
+    Case("ResNet-18 ImageNet", "conv", 32, 56, 64, 3, padding=1, features=64),
+    Case("ResNet-18 ImageNet", "max_pool", 32, 56, 64, 2, strides=2),
+    Case("ResNet-18 ImageNet", "conv", 16, 112, 32, 3, padding=1, features=32),
+    Case("ResNet-18 ImageNet", "conv", 8, 7, 512, 3, padding=1, features=512),
+    Case("MobileNet", "conv", 8, 112, 32, 3, padding=1, features=32, groups=32),
+    Case("MobileNet", "conv", 8, 112, 32, 1, features=64),
+    Case("MobileNet", "conv", 8, 56, 128, 3, strides=2, padding=1, features=128, groups=128),
+    Case("MobileNet", "conv", 8, 14, 512, 3, padding=1, features=512, groups=512),
+)
+
+
+def jax_forward(case: Case, vjp: str):
+    """The cnnjax op of ``case`` under ``vjp``, as a function of its array inputs."""
+    if case.op == "conv":
+        return lambda x, kernel: conv(
+            x, kernel, strides=case.strides, padding=case.padding, feature_group_count=case.groups, vjp=vjp
+        )
+    pool = max_pool if case.op == "max_pool" else avg_pool
+    return lambda x: pool(x, case.window, case.strides, case.padding, vjp=vjp)
+
+
+def jax_step(case: Case, vjp: str, inputs):
+    """A zero-argument jitted forward+backward (output and every input's gradient), blocked on."""
+    forward = jax_forward(case, vjp)
+    dy = jax.random.normal(jax.random.key(2), jax.eval_shape(forward, *inputs).shape)
+
+    @jax.jit
+    def step(inputs, dy):
+        y, pullback = jax.vjp(forward, *inputs)
+        return y, pullback(dy)
+
+    return lambda: jax.block_until_ready(step(inputs, dy))
+
+
+def jax_inputs(case: Case):
+    x = jax.random.normal(jax.random.key(0), (case.batch, case.size, case.size, case.channels))
+    if case.op != "conv":
+        return (x,)
+    kernel = jax.random.normal(
+        jax.random.key(1), (case.window, case.window, case.channels // case.groups, case.features)
+    )
+    return (x, kernel / case.window)
+
+
+def torch_step(case: Case, channels_last: bool):
+    """A zero-argument PyTorch forward+backward on the same shapes (NCHW tensors)."""
+    import torch
+
+    functional = torch.nn.functional
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(case.batch, case.channels, case.size, case.size).to(memory_format=memory_format)
+    x.requires_grad_(True)
+    if case.op == "conv":
+        weight = torch.randn(case.features, case.channels // case.groups, case.window, case.window, requires_grad=True)
+
+        def forward():
+            return functional.conv2d(x, weight, stride=case.strides, padding=case.padding, groups=case.groups)
+
+        params = (x, weight)
+    else:
+        pool = functional.max_pool2d if case.op == "max_pool" else functional.avg_pool2d
+
+        def forward():
+            return pool(x, case.window, case.strides, case.padding)
+
+        params = (x,)
+    with torch.no_grad():
+        dy = torch.randn_like(forward())
+
+    def step():
+        torch.autograd.grad(forward(), params, dy)
+
+    return step
+
+
+_FRAMEWORK_PAUSE_S = 0.2
+# PyTorch's first calls on a new shape are slow (its CPU kernels pick an algorithm: ~90 ms for
+# LeNet's second conv, then 1 ms), so every method is warmed up for a few calls and some time.
+_WARMUP_CALLS, _WARMUP_S = 5, 0.3
+
+
+def time_round_robin(steps: dict, rounds: int) -> dict:
+    """Median milliseconds of each zero-argument step, timed in turn after a warm-up."""
+    for step in steps.values():
+        start, calls = time.perf_counter(), 0
+        while calls < _WARMUP_CALLS or time.perf_counter() - start < _WARMUP_S:
+            step()
+            calls += 1
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+
+
+def bench_case(case: Case, rounds: int, with_torch: bool) -> dict:
+    """Milliseconds per method for one case, plus the ``auto`` choice.
+
+    JAX's and PyTorch's methods are timed in separate blocks with a pause between them: both
+    keep their worker threads spinning for a while after each call, which would otherwise
+    slow the other framework's next call."""
+    inputs = jax_inputs(case)
+    ms = time_round_robin({vjp: jax_step(case, vjp, inputs) for vjp in ("xla", "closed_form")}, rounds)
+    if with_torch:
+        time.sleep(_FRAMEWORK_PAUSE_S)
+        steps = {"torch": torch_step(case, channels_last=False), "torch_cl": torch_step(case, channels_last=True)}
+        ms |= time_round_robin(steps, rounds)
+        time.sleep(_FRAMEWORK_PAUSE_S)
+    auto = resolve_vjp("auto", "conv" if case.op == "conv" else case.op)
+    return {"model": case.model, "layer": case.label, **ms, "auto": ms[auto], "auto_is": auto}
+
+
+def smaller(case: Case) -> Case:
+    """The ``--quick`` variant: a quarter of the batch (at least 1)."""
+    return dataclasses.replace(case, batch=max(1, case.batch // 4))
+
+
+def ratio(a, b) -> str:
+    return f"{a / b:.2f}" if b else "-"
+
+
+def markdown(rows: list[dict], with_torch: bool) -> str:
+    head = ["model", "layer (NHWC)", "xla ms", "closed_form ms", "auto"]
+    if with_torch:
+        head += ["torch ms", "torch CL ms", "auto / xla", "auto / torch", "auto / torch CL"]
+    else:
+        head += ["auto / xla"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["model"], r["layer"], f"{r['xla']:.1f}", f"{r['closed_form']:.1f}", r["auto_is"]]
+        if with_torch:
+            cells += [f"{r['torch']:.1f}", f"{r['torch_cl']:.1f}", ratio(r["auto"], r["xla"])]
+            cells += [ratio(r["auto"], r["torch"]), ratio(r["auto"], r["torch_cl"])]
+        else:
+            cells += [ratio(r["auto"], r["xla"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a quarter of the batch and 3 rounds")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per method (default 7, quick 3)")
+    parser.add_argument("--only", default="", help="run only layers whose op or model contains this text")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch columns")
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    rounds = args.rounds or (3 if args.quick else 7)
+    with_torch = not args.no_torch
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if with_torch:
+        import torch
+
+        torch.set_num_threads(threads)
+        torch.manual_seed(0)
+    cases = [c for c in CASES if args.only in f"{c.model} {c.op}"]
+    if args.quick:
+        cases = [smaller(c) for c in cases]
+    versions = f"jax {jax.__version__} ({jax.default_backend()}), numpy {np.__version__}"
+    if with_torch:
+        versions += f", torch {torch.__version__}"
+    print(f"{versions}; {threads} threads; float32; median of {rounds} round-robin rounds", flush=True)
+    rows = []
+    for case in cases:
+        rows.append(bench_case(case, rounds, with_torch))
+        print(
+            f"  {case.model:20s} {case.label:45s} "
+            + " ".join(f"{k}={rows[-1][k]:.1f}" for k in ("xla", "closed_form", "torch", "torch_cl") if k in rows[-1]),
+            flush=True,
+        )
+    print()
+    print(markdown(rows, with_torch))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"versions": versions, "threads": threads, "rounds": rounds, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,671 @@
+"""cnnjax.backprop: the notes' closed-form gradients equal JAX's autodiff (and PyTorch's)."""
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax import lax
+from jax.test_util import check_grads
+
+from cnnjax import backprop
+from cnnjax._canon import Layout
+from cnnjax.backprop import (
+    avg_pool_grad,
+    conv_bias_grad,
+    conv_closed_form,
+    conv_input_grad,
+    conv_kernel_grad,
+    dense_backward,
+    dense_grads,
+    max_pool_closed_form,
+    max_pool_grad,
+    resolve_vjp,
+    sum_pool_closed_form,
+)
+from cnnjax.convolution import conv, conv_transpose
+from cnnjax.pooling import avg_pool, max_pool
+from cnnjax.shapes import resolve_padding
+
+LAYOUT_NAMES = {True: "NHWC", False: "NCHW"}
+
+
+def assert_close(actual, expected, rtol=2e-5):
+    """float32 agreement, scaled by the reference's magnitude."""
+    expected = np.asarray(expected, np.float64)
+    atol = rtol * max(1.0, float(np.max(np.abs(expected), initial=0.0)))
+    np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=rtol, atol=atol)
+
+
+# ---------------------------------------------------------------------------------------------
+# Strategies: random geometry (rank, layout, window, strides, dilation, every padding form).
+
+
+def paddings(rank):
+    return st.one_of(
+        st.sampled_from(["VALID", "SAME", "SAME_LOWER", "FULL"]),
+        st.integers(0, 2),
+        st.lists(st.integers(0, 2), min_size=rank, max_size=rank).map(tuple),
+        st.lists(st.tuples(st.integers(0, 2), st.integers(0, 2)), min_size=rank, max_size=rank).map(tuple),
+    )
+
+
+def pad_pair(padding, i, n, k, s, d):
+    """The (lo, hi) of spatial dim ``i`` for any accepted padding form."""
+    if isinstance(padding, tuple):
+        padding = padding[i]
+    return resolve_padding(padding, n, k, s, d)
+
+
+@st.composite
+def geometries(draw, max_size=6):
+    """(rank, layout, window, strides, dilation, padding, spatial sizes) with every output >= 1."""
+    rank = draw(st.integers(1, 3))
+    top = 3 if rank < 3 else 2  # 3-D cases compile many taps and phases: keep them small
+    window = tuple(draw(st.integers(1, top)) for _ in range(rank))
+    strides = tuple(draw(st.integers(1, top)) for _ in range(rank))
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(rank))
+    padding = draw(paddings(rank))
+    sizes = []
+    for i, (k, d) in enumerate(zip(window, dilation, strict=True)):
+        extent = d * (k - 1) + 1
+        if isinstance(padding, str):
+            smallest = extent if padding == "VALID" else 1
+        else:
+            lo, hi = pad_pair(padding, i, extent, k, 1, d)
+            smallest = max(extent - lo - hi, 1)
+        sizes.append(smallest + draw(st.integers(0, max_size - 2 if rank < 3 else 2)))
+    layout = Layout(draw(st.booleans()), rank)
+    return layout, window, strides, dilation, padding, tuple(sizes)
+
+
+def resolved_pairs(padding, sizes, window, strides, dilation):
+    return tuple(
+        pad_pair(padding, i, n, k, s, d)
+        for i, (n, k, s, d) in enumerate(zip(sizes, window, strides, dilation, strict=True))
+    )
+
+
+def lax_conv(x, kernel, strides, pairs, dilation, groups, layout):
+    return lax.conv_general_dilated(
+        x,
+        kernel,
+        strides,
+        pairs,
+        rhs_dilation=dilation,
+        dimension_numbers=layout.dimension_numbers,
+        feature_group_count=groups,
+    )
+
+
+def pool_padding(x, pairs, layout):
+    full = [(0, 0)] * x.ndim
+    for axis, pair in zip(layout.spatial_axes, pairs, strict=True):
+        full[axis] = pair
+    return full
+
+
+def lax_max_pool(x, window, strides, pairs, dilation, layout):
+    return lax.reduce_window(
+        x,
+        -jnp.inf,
+        lax.max,
+        layout.window(window),
+        layout.window(strides),
+        pool_padding(x, pairs, layout),
+        window_dilation=layout.window(dilation),
+    )
+
+
+def lax_sum_pool(x, window, strides, pairs, layout):
+    return lax.reduce_window(
+        x, 0.0, lax.add, layout.window(window), layout.window(strides), pool_padding(x, pairs, layout)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Convolution: closed forms == jax.vjp of lax.conv_general_dilated.
+
+# (groups, C_in per group, C_out per group): each takes a different path through the closed forms
+CONV_KINDS = {
+    "dense": (1, 2, 3),
+    "grouped": (2, 2, 3),
+    "grouped_one_output": (2, 2, 1),
+    "depthwise": (3, 1, 1),
+    "depthwise_multiplier": (2, 1, 2),
+}
+
+
+@settings(max_examples=60)
+@given(geometries(), st.sampled_from(sorted(CONV_KINDS)), st.integers(0, 2**16))
+def test_conv_grads_equal_autodiff(geometry, kind, seed):
+    layout, window, strides, dilation, padding, sizes = geometry
+    groups, cig, cog = CONV_KINDS[kind]
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=layout.shape(2, sizes, groups * cig)), jnp.float32)
+    kshape = (*window, cig, groups * cog) if layout.channels_last else (groups * cog, cig, *window)
+    kernel = jnp.asarray(rng.normal(size=kshape), jnp.float32)
+    pairs = resolved_pairs(padding, sizes, window, strides, dilation)
+    reference = functools.partial(
+        lax_conv, strides=strides, pairs=pairs, dilation=dilation, groups=groups, layout=layout
+    )
+    dy = jnp.asarray(rng.normal(size=jax.eval_shape(reference, x, kernel).shape), jnp.float32)
+    geometry_args = {
+        "strides": strides,
+        "padding": padding,
+        "kernel_dilation": dilation,
+        "feature_group_count": groups,
+        "layout": LAYOUT_NAMES[layout.channels_last],
+    }
+    closed = functools.partial(
+        conv_closed_form,
+        strides=strides,
+        padding=pairs,
+        kernel_dilation=dilation,
+        feature_group_count=groups,
+        layout=layout,
+    )
+
+    @jax.jit
+    def run(x, kernel, dy):
+        y, vjp = jax.vjp(reference, x, kernel)
+        y_closed, vjp_closed = jax.vjp(closed, x, kernel)
+        dx = conv_input_grad(dy, kernel, x.shape, **geometry_args)
+        dk = conv_kernel_grad(x, dy, kernel.shape, **geometry_args)
+        return (y, *vjp(dy)), (y_closed, *vjp_closed(dy)), (dx, dk)
+
+    (y, dx_ref, dk_ref), (y_closed, dx_closed, dk_closed), (dx, dk) = run(x, kernel, dy)
+    assert_close(y_closed, y)
+    for actual in (dx, dx_closed):
+        assert actual.shape == x.shape
+        assert_close(actual, dx_ref)
+    for actual in (dk, dk_closed):
+        assert actual.shape == kernel.shape
+        assert_close(actual, dk_ref)
+
+
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+def test_conv_bias_grad_sums_batch_and_space(layout):
+    dy = jnp.arange(2 * 3 * 4 * 5, dtype=jnp.float32).reshape(2, 3, 4, 5)
+    channel = 3 if layout == "NHWC" else 1
+    shape = [1, 1, 1, 1]
+    shape[channel] = dy.shape[channel]
+    _, vjp = jax.vjp(lambda b: jnp.zeros_like(dy) + b.reshape(shape), jnp.zeros(dy.shape[channel]))
+    assert_close(conv_bias_grad(dy, layout), vjp(dy)[0])
+
+
+def test_conv_input_grad_hand_example_stride_two():
+    # 1-D, k=2, s=2: x[2j], x[2j+1] feed y[j] with weights w0, w1, so dx interleaves dy*w0, dy*w1.
+    dx = conv_input_grad(
+        jnp.array([[[1.0], [10.0]]]), jnp.array([[[2.0]], [[3.0]]]), (1, 5, 1), strides=2, layout="NWC"
+    )
+    np.testing.assert_array_equal(dx[0, :, 0], [2.0, 3.0, 20.0, 30.0, 0.0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Pooling.
+
+
+def numpy_max_pool_grad(x, dy, window, strides, pairs, dilation, layout):
+    """Reference: loop over outputs, route dy to the first max of the window in scan order."""
+    x, dy = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+    if not layout.channels_last:
+        x, dy = np.moveaxis(x, 1, -1), np.moveaxis(dy, 1, -1)
+    xp = np.pad(x, ((0, 0), *pairs, (0, 0)), constant_values=-np.inf)
+    dxp = np.zeros_like(xp)
+    taps = list(itertools.product(*(range(k) for k in window)))
+    for out in np.ndindex(*dy.shape[1:-1]):
+        where = [tuple(o * s + a * d for o, s, a, d in zip(out, strides, tap, dilation, strict=True)) for tap in taps]
+        values = np.stack([xp[(slice(None), *w)] for w in where], axis=-1)  # (N, C, taps)
+        first = np.argmax(values, axis=-1)  # np.argmax returns the first maximum
+        for t, w in enumerate(where):
+            dxp[(slice(None), *w)] += np.where(first == t, dy[(slice(None), *out)], 0.0)
+    dx = dxp[(slice(None), *(slice(lo, lo + n) for (lo, _), n in zip(pairs, x.shape[1:-1], strict=True)))]
+    return dx if layout.channels_last else np.moveaxis(dx, -1, 1)
+
+
+@settings(max_examples=50)
+@given(geometries(), st.booleans(), st.integers(0, 2**16))
+def test_max_pool_grad_routes_to_first_max(geometry, strided, seed):
+    layout, window, strides, dilation, padding, sizes = geometry
+    strides = strides if strided else None
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.integers(0, 3, size=layout.shape(2, sizes, 2)), jnp.float32)  # many ties
+    step = window if strides is None else strides
+    pairs = resolved_pairs(padding, sizes, window, step, dilation)
+    forward = functools.partial(
+        lax_max_pool, window=window, strides=step, pairs=pairs, dilation=dilation, layout=layout
+    )
+    dy = jnp.asarray(rng.normal(size=jax.eval_shape(forward, x).shape), jnp.float32)
+    closed = functools.partial(
+        max_pool_closed_form, window_shape=window, strides=step, padding=pairs, window_dilation=dilation, layout=layout
+    )
+
+    @jax.jit
+    def run(x, dy):
+        y_closed, vjp_closed = jax.vjp(closed, x)
+        dx = max_pool_grad(
+            x, dy, window, strides, padding, window_dilation=dilation, layout=LAYOUT_NAMES[layout.channels_last]
+        )
+        return forward(x), y_closed, vjp_closed(dy)[0], dx
+
+    y, y_closed, dx_closed, dx = run(x, dy)
+    expected = numpy_max_pool_grad(x, dy, window, step, pairs, dilation, layout)
+    np.testing.assert_array_equal(y_closed, y)
+    assert_close(dx, expected)
+    assert_close(dx_closed, expected)
+    if all(d == 1 for d in dilation):  # jax.vjp of reduce_window max has no window dilation
+        assert_close(dx, jax.jit(lambda x, dy: jax.vjp(forward, x)[1](dy)[0])(x, dy))
+
+
+@pytest.mark.parametrize("window, strides", [((2, 2), (1, 1)), ((2, 2), (2, 2)), ((3, 3), (2, 2)), ((2, 3), (1, 2))])
+def test_max_pool_ties_follow_xla_first_in_scan_order(window, strides):
+    x = jnp.ones((1, 5, 6, 1))  # every window is all-equal
+    layout = Layout(True, 2)
+    forward = functools.partial(
+        lax_max_pool, window=window, strides=strides, pairs=((0, 0), (0, 0)), dilation=(1, 1), layout=layout
+    )
+    y, vjp = jax.vjp(forward, x)
+    dy = jnp.arange(1.0, y.size + 1).reshape(y.shape)
+    expected = np.zeros((5, 6))
+    for i, j in np.ndindex(y.shape[1:3]):  # the first element of each window is its top-left corner
+        expected[i * strides[0], j * strides[1]] += dy[0, i, j, 0]
+    np.testing.assert_array_equal(vjp(dy)[0][0, :, :, 0], expected)
+    np.testing.assert_array_equal(max_pool_grad(x, dy, window, strides)[0, :, :, 0], expected)
+
+
+@settings(max_examples=40)
+@given(geometries(), st.booleans(), st.booleans(), st.integers(0, 2**16))
+def test_avg_and_sum_pool_grads_equal_autodiff(geometry, strided, count_include_pad, seed):
+    layout, window, strides, _, padding, sizes = geometry
+    strides = strides if strided else None
+    step = window if strides is None else strides
+    ones = (1,) * layout.spatial_rank
+    pairs = resolved_pairs(padding, sizes, window, step, ones)  # sizes drawn for a dilated window also fit this one
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=layout.shape(2, sizes, 3)), jnp.float32)
+    total = functools.partial(lax_sum_pool, window=window, strides=step, pairs=pairs, layout=layout)
+    divisor = np.prod(window) if count_include_pad else total(jnp.ones_like(x))
+
+    def average(x):
+        return total(x) / divisor
+
+    dy = jnp.asarray(rng.normal(size=jax.eval_shape(total, x).shape), jnp.float32)
+    closed = functools.partial(sum_pool_closed_form, window_shape=window, strides=step, padding=pairs, layout=layout)
+
+    @jax.jit
+    def run(x, dy):
+        y_closed, vjp_closed = jax.vjp(closed, x)
+        y, vjp = jax.vjp(total, x)
+        dx_avg = avg_pool_grad(
+            dy,
+            x.shape,
+            window,
+            strides,
+            padding,
+            count_include_pad=count_include_pad,
+            layout=LAYOUT_NAMES[layout.channels_last],
+        )
+        return y, y_closed, vjp(dy)[0], vjp_closed(dy)[0], jax.vjp(average, x)[1](dy)[0], dx_avg
+
+    y, y_closed, dx_sum, dx_sum_closed, dx_avg_ref, dx_avg = run(x, dy)
+    assert_close(y_closed, y)
+    assert_close(dx_sum_closed, dx_sum)
+    assert_close(dx_avg, dx_avg_ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# Higher order: the rules are differentiable, so reverse-over-reverse works.
+
+
+def test_check_grads_conv_closed_form_second_order():
+    rng = np.random.default_rng(0)
+    layout = Layout(True, 2)
+    x = jnp.asarray(rng.normal(size=(2, 5, 6, 4)))
+    kernel = jnp.asarray(rng.normal(size=(3, 2, 4, 4)) * 0.5)
+    for groups in (1, 2):
+        f = functools.partial(
+            conv_closed_form,
+            strides=(2, 1),
+            padding=((1, 1), (0, 1)),
+            kernel_dilation=(1, 2),
+            feature_group_count=groups,
+            layout=layout,
+        )
+        k = kernel[:, :, : 4 // groups, :]
+        check_grads(f, (x, k), order=2, modes=["rev"], eps=1e-2, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_check_grads_pools_second_order(channels_last):
+    layout = Layout(channels_last, 2)
+    x = jnp.asarray(
+        np.random.default_rng(1).permutation(2 * 5 * 5 * 3).reshape(layout.shape(2, (5, 5), 3)) / 7.0
+    )  # distinct
+    pairs = ((1, 0), (0, 1))
+    max_pool = functools.partial(
+        max_pool_closed_form, window_shape=(2, 3), strides=(2, 1), padding=pairs, window_dilation=(1, 1), layout=layout
+    )
+    sum_pool = functools.partial(
+        sum_pool_closed_form, window_shape=(2, 3), strides=(2, 1), padding=pairs, layout=layout
+    )
+    for f in (max_pool, sum_pool):
+        check_grads(f, (x,), order=2, modes=["rev"], eps=1e-2)  # inputs are 1/7 apart: eps never moves a max
+
+
+def test_closed_form_gradients_are_differentiable_in_both_modes():
+    """The formulas themselves (not the custom_vjp wrapper) support fwd and rev mode, order 2."""
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(1, 5, 4, 2)))
+    kernel = jnp.asarray(rng.normal(size=(2, 2, 2, 3)))
+    dy = jnp.asarray(rng.normal(size=(1, 2, 3, 3)))
+    args = {"strides": (2, 1), "padding": "VALID"}
+    check_grads(
+        lambda dy, k: conv_input_grad(dy, k, x.shape, **args), (dy, kernel), order=2, modes=["fwd", "rev"], eps=1e-2
+    )
+    check_grads(
+        lambda x, dy: conv_kernel_grad(x, dy, kernel.shape, **args), (x, dy), order=2, modes=["fwd", "rev"], eps=1e-2
+    )
+    pooled = jnp.asarray(rng.normal(size=(1, 5, 4, 2)))
+    check_grads(
+        lambda dy: avg_pool_grad(dy, x.shape, 2, 1, "SAME", count_include_pad=False),
+        (pooled,),
+        order=2,
+        modes=["fwd", "rev"],
+    )
+
+
+def test_second_derivative_matches_autodiff():
+    rng = np.random.default_rng(3)
+    layout = Layout(False, 2)
+    x = jnp.asarray(rng.normal(size=(2, 2, 6, 6)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(3, 2, 3, 3)), jnp.float32)
+    pairs = ((1, 1), (1, 1))
+
+    def loss(conv, x, kernel):
+        return jnp.sum(jnp.tanh(conv(x, kernel)) ** 2)
+
+    closed = functools.partial(
+        conv_closed_form, strides=(2, 2), padding=pairs, kernel_dilation=(1, 1), feature_group_count=1, layout=layout
+    )
+    reference = functools.partial(lax_conv, strides=(2, 2), pairs=pairs, dilation=(1, 1), groups=1, layout=layout)
+
+    def outer(conv):  # d/dkernel of |d loss / dx|^2: reverse over reverse
+        return jax.grad(lambda k: jnp.sum(jax.grad(loss, argnums=1)(conv, x, k) ** 2))(kernel)
+
+    assert_close(outer(closed), outer(reference), rtol=1e-4)
+
+
+def test_forward_mode_through_custom_vjp_raises_clear_error():
+    closed = functools.partial(
+        conv_closed_form,
+        strides=(1,),
+        padding=((0, 0),),
+        kernel_dilation=(1,),
+        feature_group_count=1,
+        layout=Layout(True, 1),
+    )
+    x, kernel = jnp.ones((1, 4, 1)), jnp.ones((2, 1, 1))
+    with pytest.raises(TypeError, match="forward-mode"):
+        jax.jvp(closed, (x, kernel), (x, kernel))
+
+
+def test_closed_form_composes_with_jit_and_vmap():
+    layout = Layout(True, 1)
+    closed = functools.partial(
+        conv_closed_form, strides=(2,), padding=((1, 1),), kernel_dilation=(1,), feature_group_count=1, layout=layout
+    )
+    reference = functools.partial(lax_conv, strides=(2,), pairs=((1, 1),), dilation=(1,), groups=1, layout=layout)
+    rng = np.random.default_rng(4)
+    xs = jnp.asarray(rng.normal(size=(3, 2, 7, 2)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(3, 2, 4)), jnp.float32)
+
+    def per_example(conv):
+        return jax.jit(jax.vmap(jax.grad(lambda x, k: jnp.sum(jnp.sin(conv(x, k))), argnums=1), in_axes=(0, None)))
+
+    assert_close(per_example(closed)(xs, kernel), per_example(reference)(xs, kernel))
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the public ops: conv(..., vjp=...), max_pool/avg_pool(..., vjp=...).
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_public_conv_vjp_modes_agree(seed):
+    rng = np.random.default_rng(300 + seed)
+    rank = int(rng.integers(1, 3))
+    layout = str(rng.choice(["NHWC", "NCHW"]))
+    groups = int(rng.choice([1, 2, 4]))
+    c_in, c_out = 4, 4 * int(rng.integers(1, 3))
+    window = tuple(int(v) for v in rng.integers(1, 4, rank))
+    strides = tuple(int(v) for v in rng.integers(1, 3, rank))
+    dilation = tuple(int(v) for v in rng.integers(1, 3, rank))
+    padding = [int(rng.integers(0, 2)), "SAME", "SAME_LOWER", "VALID"][seed % 4]
+    padding_mode = "reflect" if seed % 3 == 0 and padding == 1 else "zeros"
+    sizes = tuple(d * (k - 1) + 2 + int(rng.integers(0, 4)) for k, d in zip(window, dilation, strict=True))
+    x_shape = (2, *sizes, c_in) if layout == "NHWC" else (2, c_in, *sizes)
+    k_shape = (*window, c_in // groups, c_out) if layout == "NHWC" else (c_out, c_in // groups, *window)
+    x, kernel = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in (x_shape, k_shape))
+    bias = jnp.asarray(rng.normal(size=(c_out,)), jnp.float32)
+
+    def grads(vjp):
+        def loss(x, kernel, bias):
+            y = conv(
+                x,
+                kernel,
+                bias,
+                strides=strides,
+                padding=padding,
+                kernel_dilation=dilation,
+                feature_group_count=groups,
+                padding_mode=padding_mode,
+                layout=layout,
+                vjp=vjp,
+            )
+            return jnp.sum(jnp.sin(y))
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(x, kernel, bias)
+
+    (value, got), (want_value, want) = grads("closed_form"), grads("xla")
+    assert_close(value, want_value)
+    for g, w in zip(got, want, strict=True):
+        assert_close(g, w, rtol=1e-4)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_public_pool_vjp_modes_agree(seed):
+    rng = np.random.default_rng(400 + seed)
+    rank = int(rng.integers(1, 4))
+    layout = str(rng.choice(["NHWC", "NCHW"]))
+    window = tuple(int(v) for v in rng.integers(1, 4, rank))
+    strides = tuple(int(v) for v in rng.integers(1, 3, rank))
+    padding = tuple(int(rng.integers(0, k // 2 + 1)) for k in window)
+    ceil_mode, count_include_pad = bool(rng.integers(2)), bool(rng.integers(2))
+    sizes = tuple(k + int(rng.integers(0, 4)) for k in window)
+    shape = (2, *sizes, 3) if layout == "NHWC" else (2, 3, *sizes)
+    x = jnp.asarray(rng.integers(0, 4, size=shape), jnp.float32)  # ties
+
+    def grads(vjp):
+        def loss(x):
+            high = max_pool(x, window, strides, padding, ceil_mode=ceil_mode, layout=layout, vjp=vjp)
+            mean = avg_pool(
+                x,
+                window,
+                strides,
+                padding,
+                ceil_mode=ceil_mode,
+                count_include_pad=count_include_pad,
+                layout=layout,
+                vjp=vjp,
+            )
+            return jnp.sum(jnp.sin(high)) + jnp.sum(jnp.cos(mean))
+
+        return jax.jit(jax.value_and_grad(loss))(x)
+
+    (value, got), (want_value, want) = grads("closed_form"), grads("xla")
+    assert_close(value, want_value)
+    assert_close(got, want)
+
+
+def test_check_grads_public_ops_second_order():
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.normal(size=(2, 5, 6, 4)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(3, 3, 2, 4)) * 0.5, jnp.float32)
+    closed_conv = functools.partial(conv, strides=2, padding="SAME", feature_group_count=2, vjp="closed_form")
+    check_grads(closed_conv, (x, kernel), order=2, modes=["rev"], eps=1e-2, atol=3e-2, rtol=3e-2)
+    transpose = functools.partial(conv_transpose, strides=2, padding=1)
+    check_grads(transpose, (x, kernel), order=2, modes=["fwd", "rev"], eps=1e-2, atol=3e-2, rtol=3e-2)
+    distinct = jnp.asarray(rng.permutation(2 * 5 * 6 * 4).reshape(2, 5, 6, 4) / 9.0, jnp.float32)
+    for pool in (max_pool, avg_pool):
+        closed = functools.partial(pool, window_shape=3, strides=2, padding=1, ceil_mode=True, vjp="closed_form")
+        check_grads(closed, (distinct,), order=2, modes=["rev"], eps=1e-2, atol=3e-2, rtol=3e-2)
+
+
+def test_forward_mode_needs_vjp_xla():
+    x, kernel = jnp.ones((1, 4, 4, 1)), jnp.ones((2, 2, 1, 1))
+    with pytest.raises(TypeError, match="forward-mode"):
+        jax.jvp(lambda x: conv(x, kernel, vjp="closed_form"), (x,), (x,))
+    _, tangent = jax.jvp(lambda x: conv(x, kernel, vjp="xla"), (x,), (x,))
+    assert_close(tangent, conv(x, kernel))
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense layers (notes 002, 全连接层).
+
+
+def test_dense_grads_equal_autodiff():
+    rng = np.random.default_rng(5)
+    a, w, b = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((4, 3), (3, 2), (2,)))
+    delta = jnp.asarray(rng.normal(size=(4, 2)), jnp.float32)
+    _, vjp = jax.vjp(lambda a, w, b: a @ w + b, a, w, b)
+    da, dw, db = vjp(delta)
+    got_dw, got_db, got_back = dense_grads(a, w, delta)
+    for got, want in ((got_dw, dw), (got_db, db), (got_back, da)):
+        assert_close(got, want)
+
+
+def test_dense_backward_equals_grad_of_mlp():
+    rng = np.random.default_rng(6)
+    sizes = (5, 4, 3, 2)
+    ws = [jnp.asarray(rng.normal(size=(i, o)), jnp.float32) for i, o in itertools.pairwise(sizes)]
+    bs = [jnp.asarray(rng.normal(size=(o,)), jnp.float32) for o in sizes[1:]]
+    x = jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)
+    target = jnp.asarray(rng.normal(size=(6, 2)), jnp.float32)
+
+    def loss(params, x):
+        a = x
+        for w, b in params:
+            a = jax.nn.sigmoid(a @ w + b)
+        return 0.5 * jnp.sum((a - target) ** 2)
+
+    params = list(zip(ws, bs, strict=True))
+    want, want_x = jax.grad(loss, argnums=(0, 1))(params, x)
+    inputs, zs, a = [], [], x
+    for w, b in params:
+        inputs.append(a)
+        zs.append(a @ w + b)
+        a = jax.nn.sigmoid(zs[-1])
+
+    def sigmoid_prime(z):
+        return jax.nn.sigmoid(z) * (1 - jax.nn.sigmoid(z))
+
+    delta = (a - target) * sigmoid_prime(zs[-1])  # notes 002: delta_L = (a_L - y) * sigma'(z_L)
+    grads, delta_in = dense_backward(inputs, ws, zs[:-1], delta, sigmoid_prime)
+    for (dw, db), (want_w, want_b) in zip(grads, want, strict=True):
+        assert_close(dw, want_w)
+        assert_close(db, want_b)
+    assert_close(delta_in, want_x)
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch (NCHW), seeded random cases.
+
+
+def jitted(fn, *static, **kwargs):
+    """``fn`` with ``static`` leading shape arguments and keyword geometry bound, compiled once."""
+    return jax.jit(lambda *arrays: fn(*arrays, *static, **kwargs))
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_conv2d_grads_match_torch(seed):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(100 + seed)
+    groups = int(rng.choice([1, 1, 2]))
+    c_in, c_out = groups * int(rng.integers(1, 3)), groups * int(rng.integers(1, 3))
+    k, s, d, p = (tuple(int(v) for v in rng.integers(lo, hi, 2)) for lo, hi in ((1, 4), (1, 3), (1, 3), (0, 2)))
+    size = tuple(d_ * (k_ - 1) + 1 + int(rng.integers(0, 4)) for k_, d_ in zip(k, d, strict=True))
+    x = rng.normal(size=(2, c_in, *size)).astype(np.float32)
+    w = rng.normal(size=(c_out, c_in // groups, *k)).astype(np.float32)
+    xt, wt = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
+    bt = torch.zeros(c_out, requires_grad=True)
+    yt = torch.nn.functional.conv2d(xt, wt, bt, stride=s, padding=p, dilation=d, groups=groups)
+    dy = rng.normal(size=tuple(yt.shape)).astype(np.float32)
+    yt.backward(torch.tensor(dy))
+    args = {"strides": s, "padding": p, "kernel_dilation": d, "feature_group_count": groups, "layout": "NCHW"}
+    assert_close(jitted(conv_input_grad, x.shape, **args)(dy, w), xt.grad.numpy(), rtol=1e-4)
+    assert_close(jitted(conv_kernel_grad, w.shape, **args)(x, dy), wt.grad.numpy(), rtol=1e-4)
+    assert_close(conv_bias_grad(jnp.asarray(dy), "NCHW"), bt.grad.numpy(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_pool2d_grads_match_torch(seed):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(200 + seed)
+    k = tuple(int(v) for v in rng.integers(1, 4, 2))
+    s = tuple(int(v) for v in rng.integers(1, 4, 2))
+    p = tuple(int(rng.integers(0, k_ // 2 + 1)) for k_ in k)  # PyTorch: pad <= window / 2
+    size = tuple(k_ + int(rng.integers(0, 5)) for k_ in k)
+    x = rng.integers(0, 3, size=(2, 3, *size)).astype(np.float32)  # ties: PyTorch also takes the first max
+    count_include_pad = bool(rng.integers(2))
+    xt = torch.tensor(x, requires_grad=True)
+    y_max = torch.nn.functional.max_pool2d(xt, k, s, p)
+    dy_max = rng.normal(size=tuple(y_max.shape)).astype(np.float32)
+    (dx_max,) = torch.autograd.grad(y_max, xt, torch.tensor(dy_max))
+    y_avg = torch.nn.functional.avg_pool2d(xt, k, s, p, count_include_pad=count_include_pad)
+    dy_avg = rng.normal(size=tuple(y_avg.shape)).astype(np.float32)
+    (dx_avg,) = torch.autograd.grad(y_avg, xt, torch.tensor(dy_avg))
+    assert_close(jitted(max_pool_grad, k, s, p, layout="NCHW")(x, dy_max), dx_max.numpy())
+    got = jitted(avg_pool_grad, x.shape, k, s, p, count_include_pad=count_include_pad, layout="NCHW")(dy_avg)
+    assert_close(got, dx_avg.numpy())
+
+
+# ---------------------------------------------------------------------------------------------
+# vjp flag and argument errors.
+
+
+def test_resolve_vjp():
+    assert resolve_vjp("xla", "conv") == "xla"
+    assert resolve_vjp("closed_form", "max_pool") == "closed_form"
+    assert resolve_vjp("auto", "conv") == backprop._AUTO[jax.default_backend()]["conv"]
+    assert resolve_vjp("auto", "not_an_op") == "xla"
+    assert set(backprop._AUTO) == {"cpu", "gpu", "tpu"}
+    with pytest.raises(ValueError, match=r"conv: vjp='fast' is not one of"):
+        resolve_vjp("fast", "conv")
+
+
+def test_errors_name_op_argument_and_value():
+    x, kernel = jnp.ones((1, 5, 5, 2)), jnp.ones((3, 3, 2, 4))
+    with pytest.raises(TypeError, match="conv_kernel_grad: x must be floating point, got dtype int32"):
+        conv_kernel_grad(jnp.ones((1, 5, 5, 2), jnp.int32), jnp.ones((1, 3, 3, 4)), kernel.shape)
+    with pytest.raises(TypeError, match="max_pool_grad: x must be floating point, got dtype int32"):
+        max_pool_grad(jnp.ones((1, 4, 4, 1), jnp.int32), jnp.ones((1, 2, 2, 1)), 2)
+    with pytest.raises(
+        ValueError,
+        match=r"conv_input_grad: dy has shape \(1, 5, 5, 4\), but the forward conv's output has shape \(1, 3, 3, 4\)",
+    ):
+        conv_input_grad(jnp.ones((1, 5, 5, 4)), kernel, x.shape)
+    with pytest.raises(ValueError, match="feature_group_count=3 must divide C_in=2"):
+        conv_input_grad(jnp.ones((1, 3, 3, 3)), jnp.ones((3, 3, 1, 3)), x.shape, feature_group_count=3)
+    with pytest.raises(ValueError, match="conv_kernel_grad: strides=0 must be >= 1"):
+        conv_kernel_grad(x, jnp.ones((1, 3, 3, 4)), kernel.shape, strides=0)
+    with pytest.raises(
+        ValueError,
+        match=r"avg_pool_grad: dy has shape \(1, 3, 3, 1\), but the forward pool's output has shape \(1, 2, 2, 1\)",
+    ):
+        avg_pool_grad(jnp.ones((1, 3, 3, 1)), (1, 4, 4, 1), 2)
+    with pytest.raises(ValueError, match="dense_grads: w must be an"):
+        dense_grads(jnp.ones((2, 3)), jnp.ones((3,)), jnp.ones((2, 1)))
