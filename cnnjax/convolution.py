@@ -6,7 +6,7 @@ public function (``cnnjax._canon``), where every check happens; all output-size 
 ``cnnjax.shapes``'s. Past the checks, ``conv`` and ``conv_transpose`` each run one jitted core
 (so an eager call compiles once, not op by op), and every convolution funnels into the one
 private ``_conv_general_dilated`` (or, for ``vjp="closed_form"``,
-``cnnjax.backprop.conv_closed_form``).
+``cnnjax.backprop.conv_closed_form`` / ``conv_transpose_closed_form``).
 
 Conv layers compute cross-correlation (notes 001/004: ``Y[i, j] = sum_ab X[i+a, j+b] K[a, b]``);
 ``convolve2d`` is the true convolution, with the kernel flipped (notes 001 section 1.5).
@@ -352,6 +352,7 @@ def conv_transpose(
     feature_group_count=1,
     layout="NHWC",
     precision=None,
+    vjp="auto",
 ):
     """Transposed convolution: the exact adjoint of ``conv`` with the same kernel and geometry.
 
@@ -375,6 +376,11 @@ def conv_transpose(
       output_padding: int or one int per dim, added to the high side (PyTorch's); must be
         smaller than the stride or the dilation.
       layout, precision: as in ``conv``.
+      vjp: ``"auto"``, ``"xla"`` or ``"closed_form"``: ``"closed_form"`` computes the value as
+        ``cnnjax.backprop``'s conv input gradient and differentiates it in closed form (input
+        gradient ``conv(dy, kernel)``, kernel gradient the conv kernel gradient with input ``dy``
+        and delta ``x``; used only when ``x`` is floating); ``"xla"`` is JAX's autodiff of the
+        input-dilated conv above.
 
     Returns:
       ``(N, *out, C_out)`` or ``(N, C_out, *out)``, per dim
@@ -397,6 +403,7 @@ def conv_transpose(
     kernel_dilation = canonicalize_tuple(kernel_dilation, rank, "kernel_dilation", op)
     output_padding = canonicalize_tuple(output_padding, rank, "output_padding", op, minimum=0)
     padding = canonicalize_padding(padding, rank, op)
+    method = backprop.resolve_vjp(vjp, op)
     window = _window(kernel, layout)
     sizes = layout.spatial(x.shape)
     forward_sizes = tuple(n * s for n, s in zip(sizes, strides, strict=True))
@@ -405,39 +412,75 @@ def conv_transpose(
     out_sizes = _per_dim(
         op, conv_transpose_output_size, sizes, window, strides, per_dim_padding, output_padding, kernel_dilation
     )
-    # lo' = d*(k-1) - lo; hi' = d*(k-1) - hi + output_padding, written through the output size m
-    # so that SAME pads clipped at 0 (d*(k-1) + 1 < s) still give m = n*s.
-    adjoint_pairs = tuple(
-        (d * (k - 1) - lo, m - (n - 1) * s - 1 + lo)
+    # The forward conv this is the adjoint of maps the output's m pixels to x's n with pads
+    # (lo, hi') fitting exactly, m + lo + hi' = (n-1)*s + d*(k-1) + 1: hi' = hi - output_padding,
+    # written through m so that SAME pads clipped at 0 (d*(k-1) + 1 < s) still give m = n*s.
+    forward_pairs = tuple(
+        (lo, (n - 1) * s + d * (k - 1) + 1 - m - lo)
         for n, k, s, d, (lo, _), m in zip(sizes, window, strides, kernel_dilation, pairs, out_sizes, strict=True)
     )
     return _conv_transpose_core(
         x,
         kernel,
         bias,
+        out_sizes=tuple(out_sizes),
         strides=strides,
-        padding=adjoint_pairs,
+        padding=forward_pairs,
         kernel_dilation=kernel_dilation,
         groups=groups,
         layout=layout,
         precision=precision,
+        closed_form=method == "closed_form" and jnp.issubdtype(x.dtype, jnp.inexact),
     )
 
 
-@functools.partial(jax.jit, static_argnames=("strides", "padding", "kernel_dilation", "groups", "layout", "precision"))
-def _conv_transpose_core(x, kernel, bias, *, strides, padding, kernel_dilation, groups, layout, precision):
-    """``conv_transpose`` past its checks: the input-dilated conv with the adjoint kernel (jitted)."""
-    y = _conv_general_dilated(
-        x,
-        _adjoint_kernel(kernel, layout, groups),
-        strides=(1,) * layout.spatial_rank,
-        padding=padding,
-        kernel_dilation=kernel_dilation,
-        input_dilation=strides,
-        groups=groups,
-        layout=layout,
-        precision=precision,
-    )
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "out_sizes",
+        "strides",
+        "padding",
+        "kernel_dilation",
+        "groups",
+        "layout",
+        "precision",
+        "closed_form",
+    ),
+)
+def _conv_transpose_core(
+    x, kernel, bias, *, out_sizes, strides, padding, kernel_dilation, groups, layout, precision, closed_form
+):
+    """``conv_transpose`` past its checks (jitted); ``padding``: the forward conv's exact-fit pairs.
+
+    Closed form: ``backprop.conv_transpose_closed_form``; otherwise the input-dilated conv with
+    the adjoint kernel, padded ``d*(k-1) - lo`` / ``d*(k-1) - hi`` (negative pads crop)."""
+    if closed_form:
+        y = backprop.conv_transpose_closed_form(
+            x,
+            kernel,
+            output_spatial=out_sizes,
+            strides=strides,
+            padding=padding,
+            kernel_dilation=kernel_dilation,
+            feature_group_count=groups,
+            layout=layout,
+            precision=precision,
+        )
+    else:
+        y = _conv_general_dilated(
+            x,
+            _adjoint_kernel(kernel, layout, groups),
+            strides=(1,) * layout.spatial_rank,
+            padding=tuple(
+                (d * (k - 1) - lo, d * (k - 1) - hi)
+                for (lo, hi), k, d in zip(padding, _window(kernel, layout), kernel_dilation, strict=True)
+            ),
+            kernel_dilation=kernel_dilation,
+            input_dilation=strides,
+            groups=groups,
+            layout=layout,
+            precision=precision,
+        )
     return _add_bias(y, bias, layout)
 
 

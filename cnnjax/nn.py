@@ -201,6 +201,7 @@ class ConvTranspose(nnx.Module):
     supports groups, and its ``padding`` follows PyTorch rather than ``lax.conv_transpose``. The
     default init is LeCun-normal on this kernel, i.e. fan-in
     ``prod(kernel_size) * out_features // groups``, the fan PyTorch uses for ``ConvTranspose``.
+    ``vjp`` picks the backward pass (``"auto"``, ``"xla"``, ``"closed_form"``: the notes' formulas).
 
     >>> layer = ConvTranspose(8, 3, (4, 4), 2, padding=1, rngs=nnx.Rngs(0))
     >>> layer.kernel.shape, layer(jnp.ones((2, 5, 5, 8))).shape
@@ -224,6 +225,7 @@ class ConvTranspose(nnx.Module):
         precision=None,
         kernel_init=default_kernel_init,
         bias_init=default_bias_init,
+        vjp: str = "auto",
         rngs: nnx.Rngs,
     ):
         op = "ConvTranspose"
@@ -235,7 +237,8 @@ class ConvTranspose(nnx.Module):
         self.bias = _bias(use_bias, bias_init, rngs, out_features, param_dtype)
         self.strides, self.padding, self.output_padding = strides, padding, output_padding
         self.kernel_dilation = kernel_dilation
-        self.use_bias, self.dtype, self.param_dtype, self.precision = use_bias, dtype, param_dtype, precision
+        self.use_bias, self.dtype, self.param_dtype = use_bias, dtype, param_dtype
+        self.precision, self.vjp = precision, vjp
 
     @_recorded
     def __call__(self, x):
@@ -250,6 +253,7 @@ class ConvTranspose(nnx.Module):
             kernel_dilation=self.kernel_dilation,
             feature_group_count=self.feature_group_count,
             precision=self.precision,
+            vjp=self.vjp,
         )
 
 

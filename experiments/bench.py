@@ -11,12 +11,14 @@ Three tables, every ratio ``cnnjax time / baseline time`` (below 1: cnnjax is fa
 
 1. Overhead: ``cnnjax.conv``, ``conv_transpose``, ``max_pool``, ``avg_pool`` against the bare
    ``lax.conv_general_dilated`` / ``lax.conv_transpose`` / ``lax.reduce_window`` call they wrap,
-   forward and forward+backward, and whether the forward compiles to the same optimized HLO
-   (:func:`normalize_hlo`, also used by ``tests/test_hlo.py``). cnnjax runs with its default
+   forward and forward+backward, whether the forward compiles to the same optimized HLO
+   (:func:`normalize_hlo`, also used by ``tests/test_hlo.py``), and the noise floor: the ratio
+   of two compilations of the bare call, timed alike. cnnjax runs with its default
    ``vjp="auto"``, so forward+backward times the backward pass ``auto`` picks on this backend
    (``cnnjax.backprop.resolve_vjp``). Where that choice is also another forward algorithm (on
-   CPU: depthwise convs as windowed sums, max pools as a fold of strided slices), "same HLO" is
-   "no" by design and the ratio says whether it pays.
+   CPU, today: depthwise convs as windowed sums, max pools as a fold of strided slices,
+   transposed convs as the phase-decomposed conv input gradient), "same HLO" is "no" by design
+   and the ratio says whether it pays. These rows get three times ``--rounds``.
 2. Layers: ``cnnjax.nn`` modules against their ``flax.nnx`` equivalents and PyTorch's
    (``torch.nn``) on the layer shapes of LeNet-5, ResNet-18 (CIFAR and ImageNet), MobileNet
    (depthwise), a grouped conv and a stride-2 transposed conv; forward, and forward+backward
@@ -334,7 +336,11 @@ def overhead_cases(batch: int) -> list[OverheadCase]:
 
 
 def bench_overhead(case: OverheadCase, timer: Timer) -> dict:
-    """Forward and forward+backward milliseconds of both functions, and their forward HLO."""
+    """Forward and forward+backward milliseconds of both functions, and their forward HLO.
+
+    The bare forward is also compiled and timed a second time (``lax_again``): the ratio of the
+    two copies of one program is the noise floor the cnnjax ratio is read against.
+    """
     args = random_inputs(case.shapes)
     dy = cotangent(case.lax_fn, *args)
     steps, hlo = {}, {}
@@ -343,11 +349,13 @@ def bench_overhead(case: OverheadCase, timer: Timer) -> dict:
         hlo[who] = normalize_hlo(forward.as_text())
         steps[f"{who}_fwd"] = jax_step(forward, *args)
         steps[f"{who}_fwd_bwd"] = jax_step(jax.jit(vjp_fn(fn)), args, dy)
+    steps["lax_again_fwd"] = jax_step(jax.jit(case.lax_fn).lower(*args).compile(), *args)
     ms = timer.median_ms(steps)
     diff = hlo_diff(hlo["lax"], hlo["cnnjax"])
     return {
         "op": case.name,
         **{f"{k}_ms": v for k, v in ms.items()},
+        "fwd_noise": ratio(ms["lax_again_fwd"], ms["lax_fwd"]),
         "fwd_ratio": ratio(ms["cnnjax_fwd"], ms["lax_fwd"]),
         "fwd_bwd_ratio": ratio(ms["cnnjax_fwd_bwd"], ms["lax_fwd_bwd"]),
         "same_hlo": not diff,
@@ -774,10 +782,10 @@ def markdown_table(head: Sequence[str], rows: Sequence[Sequence]) -> str:
 
 
 def overhead_table(rows: list[dict], auto: str) -> str:
-    head = ["op", "lax fwd ms", "cnnjax fwd ms", "fwd ratio", "same HLO", "lax fwd+bwd ms"]
+    head = ["op", "lax fwd ms", "cnnjax fwd ms", "fwd ratio", "noise (lax/lax)", "same HLO", "lax fwd+bwd ms"]
     head += [f"cnnjax fwd+bwd ms (vjp={auto})", "fwd+bwd ratio"]
-    keys = ["op", "lax_fwd_ms", "cnnjax_fwd_ms", "fwd_ratio", "same_hlo", "lax_fwd_bwd_ms", "cnnjax_fwd_bwd_ms"]
-    keys += ["fwd_bwd_ratio"]
+    keys = ["op", "lax_fwd_ms", "cnnjax_fwd_ms", "fwd_ratio", "fwd_noise", "same_hlo", "lax_fwd_bwd_ms"]
+    keys += ["cnnjax_fwd_bwd_ms", "fwd_bwd_ratio"]
     return markdown_table(head, [[r[k] for k in keys] for r in rows])
 
 
@@ -835,7 +843,8 @@ def header(info: dict, settings: dict, command: str) -> str:
         f"{info['backend']} ({info['device_kind']}); jax {info['jax']}, flax {info['flax']}, optax {info['optax']}"
         f"{torch}. XLA_FLAGS={info['xla_flags']!r}, jax_default_matmul_precision="
         f"{info['jax_default_matmul_precision']}; PyTorch layout: {settings.get('torch_memory_format', '-')}."
-        f"{skipped} Median of {settings['rounds']} round-robin rounds; ratios are cnnjax time / baseline time."
+        f"{skipped} Median of {settings['rounds']} round-robin rounds ({3 * settings['rounds']} for overhead rows); "
+        "ratios are cnnjax time / baseline time."
         f"\n\nCommand: `{command}`"
     )
 
@@ -872,7 +881,10 @@ def parse_args(argv):
 
 
 def overhead_rows(args, gpu: bool, timer: Timer) -> list[dict]:
+    """Timed with three times the rounds: the rows are cheap, and telling a 1.02 ratio from noise
+    (two runs of one program differ by a few percent on a shared 2-core machine) needs them."""
     cases = overhead_cases(scaled(128 if gpu else 16, args))
+    timer = dataclasses.replace(timer, rounds=3 * timer.rounds)
     return [progress(bench_overhead(case, timer), case.name) for case in cases]
 
 
@@ -919,7 +931,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         jax.config.update("jax_default_matmul_precision", "tensorfloat32")
     runtime, settings = (None, {}) if args.no_torch else torch_runtime(backend, threads, args.torch_channels_last)
     settings |= {"rounds": args.rounds, "min_sample_ms": args.min_sample_ms, "batch_scale": args.batch_scale}
-    settings["vjp_auto"] = {op: resolve_vjp("auto", op) for op in ("conv", "max_pool", "avg_pool")}
+    settings["vjp_auto"] = {op: resolve_vjp("auto", op) for op in ("conv", "conv_transpose", "max_pool", "avg_pool")}
     info = machine_info(backend, threads)
     timer = Timer(args.rounds, args.min_sample_ms / 1e3)
     report = {"machine": info, "settings": settings, "command": command}

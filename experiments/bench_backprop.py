@@ -1,7 +1,7 @@
 """Forward+backward time of conv and pooling layers: JAX autodiff vs the notes' closed forms vs PyTorch.
 
-For a table of layer shapes from LeNet-5, ResNet-18 (CIFAR and ImageNet stems) and MobileNet
-(depthwise), times the jitted forward + backward (``jax.vjp`` then the cotangent: output,
+For a table of layer shapes from LeNet-5, ResNet-18 (CIFAR and ImageNet), MobileNet (depthwise)
+and the three shapes quoted in issue #3, times the jitted forward + backward (``jax.vjp`` then the cotangent: output,
 input gradient and, for convs, kernel gradient) of ``cnnjax.conv`` / ``max_pool`` / ``avg_pool``
 under ``vjp="xla"`` and ``vjp="closed_form"``, and PyTorch's ``forward`` + ``backward`` on the same
 shapes in its default NCHW layout and in ``channels_last`` (the NHWC memory layout cnnjax uses),
@@ -71,9 +71,10 @@ CASES = (
     Case("ResNet-18 ImageNet", "conv", 8, 224, 3, 7, strides=2, padding=3, features=64),
     Case("ResNet-18 ImageNet", "max_pool", 8, 112, 64, 3, strides=2, padding=1),
     Case("ResNet-18 ImageNet", "conv", 32, 56, 64, 3, padding=1, features=64),
-    Case("ResNet-18 ImageNet", "max_pool", 32, 56, 64, 2, strides=2),
-    Case("ResNet-18 ImageNet", "conv", 16, 112, 32, 3, padding=1, features=32),
     Case("ResNet-18 ImageNet", "conv", 8, 7, 512, 3, padding=1, features=512),
+    Case("issue #3", "conv", 16, 112, 32, 3, padding=1, features=32),
+    Case("issue #3", "conv", 64, 28, 6, 5, features=16),
+    Case("issue #3", "max_pool", 32, 56, 64, 2, strides=2),
     Case("MobileNet", "conv", 8, 112, 32, 3, padding=1, features=32, groups=32),
     Case("MobileNet", "conv", 8, 112, 32, 1, features=64),
     Case("MobileNet", "conv", 8, 56, 128, 3, strides=2, padding=1, features=128, groups=128),

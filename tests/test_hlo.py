@@ -5,10 +5,11 @@ The regression guard of the overhead rows of ``experiments/bench.py`` (whose ``n
 this uses), without timing. Each forward is compiled under every ``vjp=`` mode whose forward is
 meant to be lax's: ``"xla"`` (JAX's autodiff) always, and ``"closed_form"`` (the notes' VJP as a
 ``jax.custom_vjp``, what ``"auto"`` picks on CPU) for dense convs and average pools. Under
-``"closed_form"``, depthwise convs (windowed sums) and max pools (a fold of strided slices that
-also records the arg-max) run another forward on purpose, faster than XLA's CPU grouped
-convolution and reduce-window; the benchmark times that choice. Forward+backward is compared
-under ``"xla"`` only, since a closed-form backward is its own program by definition.
+``"closed_form"`` some ops run another forward on purpose, faster on CPU than XLA's: depthwise
+convs (windowed sums), max pools (a fold of strided slices that also records the arg-max) and
+transposed convs (the phase-decomposed conv input gradient); the benchmark times those choices.
+Forward+backward is compared under ``"xla"`` only, since a closed-form backward is its own
+program by definition.
 
 The bare equivalent of ``conv_transpose`` is ``lax.conv_transpose(..., transpose_kernel=True)``,
 itself the ``lax.conv_general_dilated`` with lhs dilation on the flipped, in/out-swapped kernel
@@ -48,8 +49,7 @@ def bench() -> dict:
 class Pair:
     """A cnnjax call and the bare lax call that computes the same thing on ``shapes``.
 
-    ``cnnjax_fn`` takes ``vjp=`` (one of ``vjps``, the modes whose forward must be lax's program);
-    ``vjps=()`` for an op without that argument.
+    ``cnnjax_fn`` takes ``vjp=``: one of ``vjps``, the modes whose forward must be lax's program.
     """
 
     name: str
@@ -110,23 +110,23 @@ CONV_TRANSPOSE = [
     Pair(
         "conv_transpose NHWC 4x4/2 pad 1",
         ((2, 5, 5, 3), (4, 4, 6, 3)),
-        lambda x, k: conv_transpose(x, k, strides=2, padding=1),
+        lambda x, k, vjp: conv_transpose(x, k, strides=2, padding=1, vjp=vjp),
         lambda x, k: lax.conv_transpose(x, k, (2, 2), ((2, 2), (2, 2)), dimension_numbers=NHWC, transpose_kernel=True),
-        vjps=(),
+        vjps=("xla",),
     ),
     Pair(
         "conv_transpose NCHW 3x3/2 pad 1 output_padding 1",
         ((2, 3, 5, 5), (3, 4, 3, 3)),
-        lambda x, k: conv_transpose(x, k, strides=2, padding=1, output_padding=1, layout="NCHW"),
+        lambda x, k, vjp: conv_transpose(x, k, strides=2, padding=1, output_padding=1, layout="NCHW", vjp=vjp),
         lambda x, k: lax.conv_transpose(x, k, (2, 2), ((1, 2), (1, 2)), dimension_numbers=NCHW, transpose_kernel=True),
-        vjps=(),
+        vjps=("xla",),
     ),
     Pair(
         "conv_transpose NWC k2/3 VALID",
         ((2, 4, 3), (2, 5, 3)),
-        lambda x, k: conv_transpose(x, k, strides=3, padding="VALID", layout="NWC"),
+        lambda x, k, vjp: conv_transpose(x, k, strides=3, padding="VALID", layout="NWC", vjp=vjp),
         lambda x, k: lax.conv_transpose(x, k, (3,), ((1, 1),), dimension_numbers=NWC, transpose_kernel=True),
-        vjps=(),
+        vjps=("xla",),
     ),
 ]
 
@@ -219,8 +219,6 @@ def _check_same_program(bench: dict, name: str, cnnjax_fn: Callable, lax_fn: Cal
 
 def _forward_cases():
     for pair in CONV + CONV_TRANSPOSE + POOL:
-        if not pair.vjps:
-            yield pytest.param(pair, pair.cnnjax_fn, id=pair.name)
         for vjp in pair.vjps:
             yield pytest.param(pair, functools.partial(pair.cnnjax_fn, vjp=vjp), id=f"{pair.name}, vjp={vjp}")
 
