@@ -45,7 +45,7 @@ import numpy as np
 from jax import lax
 
 from cnnjax._canon import Layout, canonicalize_padding, canonicalize_tuple, layout_of, padding_pairs, require_float
-from cnnjax.shapes import check_positive, conv_output_size
+from cnnjax.shapes import check_positive, conv_output_size, pool_window_counts
 
 __all__ = [
     "VJP_MODES",
@@ -816,11 +816,9 @@ def _valid_tap_counts(input_spatial, out_spatial, window, strides, padding, layo
     """Number of non-padding inputs in each output's window (at least 1), shaped like dy's spatial axes.
 
     A window entirely in the padding touches no input, so its divisor does not matter; it is 1."""
-    counts = None
-    for n, o, k, s, (lo, _) in zip(input_spatial, out_spatial, window, strides, padding, strict=True):
-        start = np.arange(o) * s - lo
-        per_dim = np.maximum(np.minimum(start + k, n) - np.maximum(start, 0), 1)
-        counts = per_dim if counts is None else np.multiply.outer(counts, per_dim)
+    counts = np.ones(())
+    for n, o, k, s, pair in zip(input_spatial, out_spatial, window, strides, padding, strict=True):
+        counts = np.multiply.outer(counts, pool_window_counts(n, k, s, pair, o, include_pad=False))
     return counts.reshape(layout.shape(1, out_spatial, 1))
 
 

@@ -34,7 +34,7 @@ from jax import numpy as jnp
 
 from cnnjax import backprop
 from cnnjax._canon import Layout, canonicalize_padding, canonicalize_tuple, layout_of, padding_pairs, require_float
-from cnnjax.shapes import check_positive, pool_output_size
+from cnnjax.shapes import check_positive, pool_output_size, pool_window_counts
 
 __all__ = [
     "adaptive_avg_pool",
@@ -263,13 +263,10 @@ def _avg_divisor(geometry: _PoolGeometry, count_include_pad: bool) -> np.ndarray
     windows are boxes.
     """
     divisor = np.ones(())
-    for n, w, s, (lo, hi), o in zip(
+    for n, w, s, pair, o in zip(
         geometry.sizes, geometry.window_shape, geometry.strides, geometry.padding, geometry.out, strict=True
     ):
-        start = np.arange(o) * s - lo
-        lower, upper = (-lo, n + hi) if count_include_pad else (0, n)
-        count = np.minimum(start + w, upper) - np.maximum(start, lower)
-        divisor = np.multiply.outer(divisor, np.maximum(count, 1))
+        divisor = np.multiply.outer(divisor, pool_window_counts(n, w, s, pair, o, count_include_pad))
     return divisor.reshape(geometry.layout.shape(1, geometry.out, 1))
 
 

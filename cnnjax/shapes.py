@@ -23,6 +23,7 @@ __all__ = [
     "conv_output_size",
     "conv_transpose_output_size",
     "pool_output_size",
+    "pool_window_counts",
     "receptive_field",
     "resolve_padding",
     "same_padding",
@@ -169,6 +170,24 @@ def pool_output_size(
     if ceil_mode and (out - 1) * s >= n + lo:
         out -= 1
     return out
+
+
+def pool_window_counts(
+    n: int, window: int, stride: int, padding: tuple[int, int], out: int, include_pad: bool = True
+) -> tuple[int, ...]:
+    """Taps of each of the ``out`` windows along one dimension that PyTorch's average pool counts.
+
+    Window ``i`` starts at ``i*stride - lo``; it counts its taps inside the padded input
+    (``include_pad``, PyTorch's ``count_include_pad=True``) or inside the input, never the
+    ``ceil_mode`` overhang past the padding. A window with no such tap counts 1 (it sums to 0).
+
+    >>> pool_window_counts(5, 2, 2, (1, 0), 3), pool_window_counts(5, 2, 2, (1, 0), 3, include_pad=False)
+    ((2, 2, 2), (1, 2, 2))
+    """
+    lo, hi = padding
+    lower, upper = (-lo, n + hi) if include_pad else (0, n)
+    starts = (i * stride - lo for i in range(out))
+    return tuple(max(min(start + window, upper) - max(start, lower), 1) for start in starts)
 
 
 @dataclasses.dataclass(frozen=True)
