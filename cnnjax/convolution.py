@@ -333,7 +333,10 @@ def _adjoint_kernel(kernel, layout: Layout, groups: int):
     ``(C_in_t, C_out_t // G, *window)`` (as OIHW; HWIO likewise) -> ``(C_out_t, C_in_t // G, *window)``.
     """
     axes = (layout.kernel_out_axis, layout.kernel_in_axis)
-    k = jnp.moveaxis(jnp.flip(kernel, layout.kernel_spatial_axes), axes, (0, 1))
+    flipped = jnp.flip(kernel, layout.kernel_spatial_axes)
+    if groups == 1:  # one swap, as lax.conv_transpose writes it (the same compiled program)
+        return jnp.swapaxes(flipped, *axes)
+    k = jnp.moveaxis(flipped, axes, (0, 1))
     c_in_t, c_out_per_group, *window = k.shape
     k = k.reshape(groups, c_in_t // groups, c_out_per_group, *window).swapaxes(1, 2)
     k = k.reshape(groups * c_out_per_group, c_in_t // groups, *window)

@@ -81,16 +81,19 @@ class _PoolGeometry:
     def reduce_padding(self) -> tuple[tuple[int, int], ...]:
         """Padding under which a reduce_window yields exactly ``out`` windows.
 
-        The user's low side; the high side ends at the last window: extended past the user's
-        padding for ``ceil_mode``'s overhang, trimmed where no window reaches (never below 0:
-        a reduce_window drops a tail shorter than one stride anyway).
+        The user's padding where it already gives ``out`` windows (then the program is the bare
+        ``lax.reduce_window`` a user would write); otherwise (``ceil_mode``'s overhang, or a high
+        pad that a window would start in) the high side ends at the last window.
         """
-        return tuple(
-            (lo, max((o - 1) * s + d * (w - 1) + 1 - n - lo, 0))
-            for n, w, s, d, (lo, _), o in zip(
-                self.sizes, self.window_shape, self.strides, self.window_dilation, self.padding, self.out, strict=True
-            )
-        )
+        pairs = []
+        for n, w, s, d, (lo, hi), o in zip(
+            self.sizes, self.window_shape, self.strides, self.window_dilation, self.padding, self.out, strict=True
+        ):
+            span = d * (w - 1) + 1
+            if (n + lo + hi - span) // s + 1 != o:
+                hi = max((o - 1) * s + span - n - lo, 0)
+            pairs.append((lo, hi))
+        return tuple(pairs)
 
     def core_args(self, *, dilated: bool = True) -> dict:
         """Keyword arguments of the reduction cores (and of ``cnnjax.backprop``'s closed forms)."""

@@ -197,12 +197,7 @@ POOL = [
 
 # Known differences, reported: the values agree, the programs do not. Once a difference is gone its
 # test fails, asking for the entry's removal.
-KNOWN_DIFFERENCES = {
-    "conv_transpose NHWC 4x4/2 pad 1": "_adjoint_kernel's per-group reshape adds two transpose+copy pairs",
-    "conv_transpose NCHW 3x3/2 pad 1 output_padding 1": "_adjoint_kernel's per-group reshape (groups=1)",
-    "conv_transpose NWC k2/3 VALID": "_adjoint_kernel's per-group reshape (groups=1)",
-    "max_pool NHWC 3x3/2 pad 1, even size": "_PoolGeometry.reduce_padding trims high padding that no window reaches",
-}
+KNOWN_DIFFERENCES: dict[str, str] = {}
 
 
 def _check_same_program(bench: dict, name: str, cnnjax_fn: Callable, lax_fn: Callable, *args) -> None:
