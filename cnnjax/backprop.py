@@ -250,17 +250,31 @@ def _sum_all_but(a, keep):
 # Convolution: forward correlation, input gradient, kernel gradient.
 
 
+# XLA:CPU's grouped convolution is 5-50x slower than the same sums written another way; its
+# kernel gradient up to 500x (8x28x28x128 -> 128, 3x3, 32 groups of 4: forward 14 ms, kernel
+# gradient 1,650 ms). With few input channels per group the closed form's forward is one
+# multiply-add per tap and input channel, fused into one loop (that layer: 1.3 ms; MobileNet's
+# 8x112x112x32 depthwise: 70 -> 2 ms); with more, one dense conv per group (8 groups of 32: 7.5
+# -> 1.6 ms). The kernel gradient is one dense correlation per group (1,650 -> 4.5 ms), or per-tap
+# products for depthwise convs (8x112x112x32: 8.7 ms against 15 ms per group).
+_UNROLLED_MAX_GROUP_CHANNELS = 8
+
+
 def _depthwise(groups: int, cig: int, cog: int) -> bool:
-    """Grouped convs with one input or one output channel per group run as one multiply per tap:
-    XLA's CPU grouped convolution is 10-50x slower than that (MobileNet's 8x112x112x32 3x3
-    depthwise: forward 70 ms vs 2 ms, input gradient 70 ms vs 2 ms)."""
+    """Grouped convs with one input or one output channel per group."""
     return groups > 1 and min(cig, cog) == 1
+
+
+def _per_group(fn, groups: int, a, a_axis: int, b, b_axis: int, out_axis: int):
+    """``fn`` on each group's slices of ``a`` and ``b`` (split along the given axes), concatenated."""
+    pieces = zip(jnp.split(a, groups, a_axis), jnp.split(b, groups, b_axis), strict=True)
+    return jnp.concatenate([fn(ai, bi) for ai, bi in pieces], out_axis)
 
 
 def _correlate(x, kernel, strides, padding, dilation, groups, layout: Layout, precision):
     """Zero-padded cross-correlation, the conv layer's forward (notes 001: ``Y = X (*) K``)."""
     window = _kernel_window(kernel.shape, layout)
-    cig, cog = kernel.shape[layout.kernel_in_axis], kernel.shape[layout.kernel_out_axis] // groups
+    cig = kernel.shape[layout.kernel_in_axis]
     if groups == 1 and math.prod(window) == 1:
         # One tap (1x1): Y = X_s W, a matrix product over channels; on CPU 2-6x faster than
         # XLA's convolution (32x56x56x64 -> 256: 38 vs 74 ms forward, 12 vs 71 ms input gradient).
@@ -272,7 +286,7 @@ def _correlate(x, kernel, strides, padding, dilation, groups, layout: Layout, pr
         )
         y = lax.dot_general(xs, weights, (((layout.channel_axis,), (0,)), ((), ())), precision=precision)
         return jnp.moveaxis(y, -1, layout.channel_axis)
-    if not _depthwise(groups, cig, cog):
+    if groups == 1:
         return lax.conv_general_dilated(
             x,
             kernel,
@@ -280,20 +294,60 @@ def _correlate(x, kernel, strides, padding, dilation, groups, layout: Layout, pr
             padding=padding,
             rhs_dilation=dilation,
             dimension_numbers=layout.dimension_numbers,
-            feature_group_count=groups,
             precision=precision,
         )
-    # Y[x] = sum_a X_pad[x*s + a*d] K[a], contracting the (one or few) channels of each group
+    if cig > _UNROLLED_MAX_GROUP_CHANNELS:
+        dense = functools.partial(
+            _correlate,
+            strides=strides,
+            padding=padding,
+            dilation=dilation,
+            groups=1,
+            layout=layout,
+            precision=precision,
+        )
+        c = layout.channel_axis
+        return _per_group(dense, groups, x, c, kernel, layout.kernel_out_axis, c)
+    return _unrolled_correlate(x, kernel, strides, padding, dilation, groups, layout)
+
+
+def _unrolled_correlate(x, kernel, strides, padding, dilation, groups, layout: Layout):
+    """``Y[x] = sum_{a, i} X_pad[x*s + a*d, i] K[a, i]`` within each group: one product per tap
+    ``a`` and input channel ``i`` of the group, broadcast over the group's output channels.
+
+    XLA:CPU fuses elementwise work into its consumers however much of it there is, and fused into
+    a reduction (a batch norm's statistics, a loss) these products run in XLA's serial reduction
+    loop (8x112x112x32 depthwise then a sum of squares: 106 ms against 3 ms). It never fuses a
+    concatenate along the minor axis (a memcpy to it), so the result is built as two halves joined
+    by one, which keeps it a buffer of its own."""
+    window = _kernel_window(kernel.shape, layout)
+    cig, cog = kernel.shape[layout.kernel_in_axis], kernel.shape[layout.kernel_out_axis] // groups
     taps = _kernel_to_groups(kernel, groups, layout)  # (*window, G, C_in/G, C_out/G)
     c = layout.channel_axis
     trailing = (1,) * (x.ndim - 1 - c)  # the weights broadcast over the axes after the channels
-    terms = []
-    for tap, xs in zip(
-        _taps(window), _tap_slices(_pad_spatial(x, padding, 0, layout), window, strides, dilation, layout), strict=True
-    ):
-        xsg = jnp.expand_dims(_split_channels(xs, groups, layout)[0], c + 2)  # (.., G, C_in/G, 1, ..)
-        terms.append(jnp.sum(xsg * taps[tap].reshape(*taps.shape[-3:], *trailing), axis=c + 1))
-    return _merge_channels(functools.reduce(jnp.add, terms), layout)
+    slices = [
+        _split_channels(xs, groups, layout)[0]  # (.., G, C_in/G, ..)
+        for xs in _tap_slices(_pad_spatial(x, padding, 0, layout), window, strides, dilation, layout)
+    ]
+
+    def products(lo: int, hi: int):
+        """The outputs ``lo:hi`` along the minor (last) axis: groups if channels-last, else space."""
+        terms = []
+        for tap, xsg in zip(_taps(window), slices, strict=True):
+            weights = taps[tap]
+            if layout.channels_last:
+                xsg, weights = lax.slice_in_dim(xsg, lo, hi, axis=c), weights[lo:hi]
+            else:
+                xsg = lax.slice_in_dim(xsg, lo, hi, axis=-1)
+            for i in range(cig):
+                w = weights[:, i].reshape(weights.shape[0], cog, *trailing)
+                terms.append(lax.slice_in_dim(xsg, i, i + 1, axis=c + 1) * w)
+        return _merge_channels(functools.reduce(jnp.add, terms), layout)
+
+    minor = groups if layout.channels_last else slices[0].shape[-1]
+    if minor < 2:
+        return products(0, minor)
+    return jnp.concatenate([products(0, minor // 2), products(minor // 2, minor)], axis=-1)
 
 
 def _conv_input_grad(dy, kernel, input_spatial, strides, padding, dilation, groups, layout: Layout, precision):
@@ -348,12 +402,25 @@ def _conv_kernel_grad(x, dy, window, strides, padding, dilation, groups, layout:
 
     Three forms of the one formula: depthwise convs take a product and a sum per tap; a one-tap
     (1x1) kernel is one matrix product ``X^T delta``; otherwise the notes' ``dW = delta (*) a_{l-1}``,
-    a correlation of the input with ``delta``, summed over batch chunks."""
+    a correlation of the input with ``delta``, summed over batch chunks (one per group)."""
     geometry = (window, strides, padding, dilation, groups, layout)
     if _depthwise(groups, layout.channels(x.shape) // groups, layout.channels(dy.shape) // groups):
         return _depthwise_kernel_grad(x, dy, *geometry)
     if math.prod(window) == 1:
         return _pointwise_kernel_grad(x, dy, *geometry, precision)
+    if groups > 1:
+        dense = functools.partial(
+            _conv_kernel_grad,
+            window=window,
+            strides=strides,
+            padding=padding,
+            dilation=dilation,
+            groups=1,
+            layout=layout,
+            precision=precision,
+        )
+        c = layout.channel_axis
+        return _per_group(dense, groups, x, c, dy, c, layout.kernel_out_axis)
     batch = x.shape[0]
     positions = math.prod(layout.spatial(dy.shape))
     chunk = max(-(-_KERNEL_GRAD_CHUNK_POSITIONS // positions), -(-batch // _KERNEL_GRAD_MAX_CHUNKS))

@@ -15,6 +15,7 @@ from jax.test_util import check_grads
 from cnnjax import backprop
 from cnnjax._canon import Layout
 from cnnjax.backprop import (
+    _UNROLLED_MAX_GROUP_CHANNELS,
     avg_pool_grad,
     conv_bias_grad,
     conv_closed_form,
@@ -135,6 +136,10 @@ CONV_KINDS = {
     "dense": (1, 2, 3),
     "grouped": (2, 2, 3),
     "grouped_one_output": (2, 2, 1),
+    # more input channels per group than the per-tap products take: one dense conv per group
+    # (forward here; the input gradient, whose kernel swaps in and out, in the second)
+    "grouped_wide_in": (2, _UNROLLED_MAX_GROUP_CHANNELS + 1, 2),
+    "grouped_wide_out": (2, 2, _UNROLLED_MAX_GROUP_CHANNELS + 1),
     "depthwise": (3, 1, 1),
     "depthwise_multiplier": (2, 1, 2),
 }

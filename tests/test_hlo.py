@@ -5,8 +5,8 @@ The regression guard of the overhead rows of ``experiments/bench.py`` (whose ``n
 this uses), without timing. Each forward is compiled under every ``vjp=`` mode whose forward is
 meant to be lax's: ``"xla"`` (JAX's autodiff) always, and ``"closed_form"`` (the notes' VJP as a
 ``jax.custom_vjp``, what ``"auto"`` picks on CPU) for dense convs and average pools. Under
-``"closed_form"`` some ops run another forward on purpose, faster on CPU than XLA's: depthwise
-convs (windowed sums), max pools (a fold of strided slices that also records the arg-max) and
+``"closed_form"`` some ops run another forward on purpose, faster on CPU than XLA's: grouped and
+depthwise convs (per-tap products, or one dense conv per group), max pools (a fold of strided slices that also records the arg-max) and
 transposed convs (the phase-decomposed conv input gradient); the benchmark times those choices.
 Forward+backward is compared under ``"xla"`` only, since a closed-form backward is its own
 program by definition.
@@ -96,6 +96,7 @@ CONV = [
         ((2, 4, 6, 6), (6, 2, 3, 3)),
         lambda x, k, vjp: conv(x, k, padding=1, feature_group_count=2, layout="NCHW", vjp=vjp),
         lambda x, k: lax.conv_general_dilated(x, k, (1, 1), PAD_1, dimension_numbers=NCHW, feature_group_count=2),
+        vjps=("xla",),
     ),
     Pair(
         "depthwise conv NHWC 3x3 pad 1",
