@@ -231,19 +231,29 @@ def _overlap_add(parts, size, window, strides, dilation, layout: Layout):
 
 
 # XLA:CPU runs a reduction to a few outputs as one serial loop; adding halves elementwise fuses
-# into parallel loops instead (depthwise kernel gradient of 8x112x112x32, 3x3: 60 -> 17 ms).
+# into parallel loops instead (depthwise kernel gradient of 8x112x112x32, 3x3: 60 -> 6 ms). The
+# halves are taken along whole leading axes, never a flattened view of them: reshaping a strided
+# slice costs a division per element (the same gradient: 11 ms flattened).
 _PAIRWISE_SUM_ROWS = 64
 
 
+def _pad_axis(a, axis: int, hi: int):
+    return jnp.pad(a, [(0, hi if i == axis else 0) for i in range(a.ndim)])
+
+
 def _sum_all_but(a, keep):
-    """Sum over every axis not in ``keep`` (kept in order) by pairwise halving, then one reduce."""
+    """Sum over every axis not in ``keep`` (kept in order): halve the leading summed axes (all but
+    the innermost) pairwise down to a few rows, reduce them, then the innermost."""
     a = jnp.moveaxis(a, keep, tuple(range(a.ndim - len(keep), a.ndim)))
-    kept = a.shape[a.ndim - len(keep) :]
-    rows = a.reshape(-1, math.prod(kept))
-    while rows.shape[0] > _PAIRWISE_SUM_ROWS:
-        half = -(-rows.shape[0] // 2)
-        rows = rows[:half] + jnp.pad(rows[half:], ((0, 2 * half - rows.shape[0]), (0, 0)))
-    return jnp.sum(rows, axis=0).reshape(kept)
+    summed = a.ndim - len(keep)
+    halved = tuple(range(max(summed - 1, 0)))
+    while math.prod(a.shape[i] for i in halved) > _PAIRWISE_SUM_ROWS:
+        axis = max(halved, key=lambda i: a.shape[i])
+        n = a.shape[axis]
+        half = -(-n // 2)
+        hi = _pad_axis(lax.slice_in_dim(a, half, n, axis=axis), axis, n % 2)
+        a = lax.slice_in_dim(a, 0, half, axis=axis) + hi
+    return jnp.sum(jnp.sum(a, axis=halved), axis=tuple(range(summed - len(halved))))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,7 +266,9 @@ def _sum_all_but(a, keep):
 # multiply-add per tap and input channel, fused into one loop (that layer: 1.3 ms; MobileNet's
 # 8x112x112x32 depthwise: 70 -> 2 ms); with more, one dense conv per group (8 groups of 32: 7.5
 # -> 1.6 ms). The kernel gradient is one dense correlation per group (1,650 -> 4.5 ms), or per-tap
-# products for depthwise convs (8x112x112x32: 8.7 ms against 15 ms per group).
+# products for depthwise convs (8x112x112x32: 8.7 ms against 15 ms per group). Ungrouped convs
+# of one input channel (LeNet's first layer) take the per-tap products too: XLA's convolution is
+# slow on them (256x28x28x1 -> 6, 5x5: 10.2 ms against 2.5 ms).
 _UNROLLED_MAX_GROUP_CHANNELS = 8
 
 
@@ -286,7 +298,7 @@ def _correlate(x, kernel, strides, padding, dilation, groups, layout: Layout, pr
         )
         y = lax.dot_general(xs, weights, (((layout.channel_axis,), (0,)), ((), ())), precision=precision)
         return jnp.moveaxis(y, -1, layout.channel_axis)
-    if groups == 1:
+    if groups == 1 and cig > 1:
         return lax.conv_general_dilated(
             x,
             kernel,
@@ -331,20 +343,23 @@ def _unrolled_correlate(x, kernel, strides, padding, dilation, groups, layout: L
     ]
 
     def products(lo: int, hi: int):
-        """The outputs ``lo:hi`` along the minor (last) axis: groups if channels-last, else space."""
+        """The outputs ``lo:hi`` along the split axis: the groups, or the one group's output
+        channels, if channels-last; else the last spatial axis."""
         terms = []
         for tap, xsg in zip(_taps(window), slices, strict=True):
-            weights = taps[tap]
-            if layout.channels_last:
+            weights = taps[tap]  # (G, C_in/G, C_out/G)
+            if not layout.channels_last:
+                xsg = lax.slice_in_dim(xsg, lo, hi, axis=-1)
+            elif groups > 1:
                 xsg, weights = lax.slice_in_dim(xsg, lo, hi, axis=c), weights[lo:hi]
             else:
-                xsg = lax.slice_in_dim(xsg, lo, hi, axis=-1)
+                weights = weights[..., lo:hi]
             for i in range(cig):
-                w = weights[:, i].reshape(weights.shape[0], cog, *trailing)
+                w = weights[:, i].reshape(weights.shape[0], weights.shape[2], *trailing)
                 terms.append(lax.slice_in_dim(xsg, i, i + 1, axis=c + 1) * w)
         return _merge_channels(functools.reduce(jnp.add, terms), layout)
 
-    minor = groups if layout.channels_last else slices[0].shape[-1]
+    minor = slices[0].shape[-1] if not layout.channels_last else groups if groups > 1 else cog
     if minor < 2:
         return products(0, minor)
     return jnp.concatenate([products(0, minor // 2), products(minor // 2, minor)], axis=-1)
@@ -473,15 +488,23 @@ def _pointwise_kernel_grad(x, dy, window, strides, padding, dilation, groups, la
 
 
 def _depthwise_kernel_grad(x, dy, window, strides, padding, dilation, groups, layout: Layout):
-    """Per tap ``a``: ``dW[a] = sum_{n, x} X_pad[n, x*s + a*d] * delta[n, x]`` within each group."""
-    dyg, c, _ = _split_channels(dy, groups, layout)
-    dyg = jnp.expand_dims(dyg, c + 1)  # (.., G, 1, C_out/G, ..)
+    """Per tap ``a``: ``dW[a] = sum_{n, x} X_pad[n, x*s + a*d] * delta[n, x]`` within each group
+    (one input or one output channel per group: the product broadcasts the one over the other)."""
+    cig, cog = layout.channels(x.shape) // groups, layout.channels(dy.shape) // groups
+    c = layout.channel_axis
+    if cig == cog == 1:  # no channel split: a size-1 axis costs XLA a copy per tap
+
+        def product(xs):
+            return _sum_all_but(xs * dy, (c,))
+    else:
+        dyg = _split_channels(dy, groups, layout)[0]  # (.., G, C_out/G, ..)
+
+        def product(xs):
+            return _sum_all_but(_split_channels(xs, groups, layout)[0] * dyg, (c, c + 1))
+
     xp = _pad_spatial(x, padding, 0, layout)
-    grads = [
-        _sum_all_but(jnp.expand_dims(_split_channels(xs, groups, layout)[0], c + 2) * dyg, (c, c + 1, c + 2))
-        for xs in _tap_slices(xp, window, strides, dilation, layout, layout.spatial(dy.shape))
-    ]
-    return _kernel_from_groups(jnp.stack(grads).reshape(*window, *grads[0].shape), layout)
+    grads = [product(xs) for xs in _tap_slices(xp, window, strides, dilation, layout, layout.spatial(dy.shape))]
+    return _kernel_from_groups(jnp.stack(grads).reshape(*window, groups, cig, cog), layout)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7))

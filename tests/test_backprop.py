@@ -134,6 +134,7 @@ def lax_sum_pool(x, window, strides, pairs, layout):
 # (groups, C_in per group, C_out per group): each takes a different path through the closed forms
 CONV_KINDS = {
     "dense": (1, 2, 3),
+    "one_input_channel": (1, 1, 3),  # per-tap products, like a depthwise conv
     "grouped": (2, 2, 3),
     "grouped_one_output": (2, 2, 1),
     # more input channels per group than the per-tap products take: one dense conv per group
