@@ -66,12 +66,13 @@ __all__ = [
 VJP_MODES = ("auto", "xla", "closed_form")
 
 # What vjp="auto" means, per backend and op, from experiments/bench_backprop.py (README table).
-# CPU (jax 0.10.2, 2 cores): forward+backward under the closed forms took 0.02-0.7x of JAX's
-# autodiff time on most layers of the table (depthwise convs 0.02-0.11x, max pools 0.2-0.3x,
-# 1x1 convs 0.3x, large 3x3 convs 0.4-0.7x) and 0.9-1.05x, the noise level, on the rest, which
-# run the same XLA convolutions both ways; conv_transpose 4x4/2 pad 1, 16x16x16x64 -> 32:
-# 5 ms vs 150 ms (autodiff of the input-dilated conv). GPU/TPU: not measured (no such device was available
-# when this was written), so JAX's autodiff until someone benchmarks them.
+# CPU (jax 0.10.2, 2 cores): forward+backward under the closed forms took 0.05-0.8x of JAX's
+# autodiff time on most layers of the table (depthwise convs 0.05-0.1x, max pools 0.2x, 1x1 convs
+# 0.3-0.4x, large 3x3 convs 0.4-0.7x, LeNet's 5x5 convs 0.3-0.8x) and 0.9-1.0x, the noise level,
+# on the rest, which run the same XLA convolutions both ways; grouped convs (ResNeXt, 32 groups)
+# about 10 ms against 1.5 s; conv_transpose 4x4/2 pad 1, 16x16x16x64 -> 32: 5 ms vs 75 ms
+# (autodiff of the input-dilated conv). GPU/TPU: not measured (no such device was available when
+# this was written), so JAX's autodiff until someone benchmarks them.
 _AUTO = {
     "cpu": {
         "conv": "closed_form",
