@@ -205,16 +205,30 @@ def _phase_taps(r: int, k: int, s: int, d: int, lo: int) -> list[tuple[int, int]
 
 def _overlap_add(parts, size, window, strides, dilation, layout: Layout):
     """``out[a*d + j*s] += parts[a][j]`` over taps ``a`` (scan order), ``out`` of spatial ``size``:
-    the adjoint of ``_tap_slices``. Each part is spread out by the stride (``s - 1`` zeros between
-    its entries: interior padding) and shifted to its tap, all in one fused sum."""
+    the adjoint of ``_tap_slices``. Per output phase ``r`` a sum of shifted parts, then interleaved."""
+    count = [-(-m // s) for m, s in zip(size, strides, strict=True)]
     out = layout.spatial(parts[0].shape)
-    shifted = []
-    for tap, part in zip(_taps(window), parts, strict=True):
-        config = [(0, 0, 0)] * part.ndim
-        for axis, a, d, s, o, m in zip(layout.spatial_axes, tap, dilation, strides, out, size, strict=True):
-            config[axis] = (a * d, m - a * d - (o - 1) * s - 1, s - 1)
-        shifted.append(lax.pad(part, jnp.zeros((), part.dtype), config))
-    return functools.reduce(jnp.add, shifted)
+    by_tap = dict(zip(_taps(window), parts, strict=True))
+    phases = []
+    for r in _taps(strides):
+        per_dim = [_phase_taps(ri, k, s, d, 0) for ri, k, s, d in zip(r, window, strides, dilation, strict=True)]
+        shifted = [
+            # phase[q] += parts[a][q + e], e <= 0: pad |e| in front
+            _pad_spatial(
+                by_tap[tuple(a for a, _ in combo)],
+                [(-e, q - o + e) for (_, e), q, o in zip(combo, count, out, strict=True)],
+                0,
+                layout,
+            )
+            for combo in itertools.product(*per_dim)
+        ]
+        if shifted:
+            phases.append(functools.reduce(jnp.add, shifted))
+        else:
+            phases.append(
+                jnp.zeros(layout.shape(parts[0].shape[0], count, layout.channels(parts[0].shape)), parts[0].dtype)
+            )
+    return _interleave(phases, strides, size, layout)
 
 
 # XLA:CPU runs a reduction to a few outputs as one serial loop; adding halves elementwise fuses
@@ -313,7 +327,7 @@ def _correlate(x, kernel, strides, padding, dilation, groups, layout: Layout, pr
 # products or an arg-max fold fused into a reduction (a batch norm's statistics, a loss) run in its
 # serial reduction loop (8x112x112x32 depthwise conv then a sum of squares: 106 ms against 3 ms),
 # and fused into several consumers run once per consumer (max pool 3x3/2 forward+backward on
-# 8x112x112x64: 34 ms against 15 ms). It never fuses a concatenate along the minor axis into its
+# 8x112x112x64: 34 ms against 12 ms). It never fuses a concatenate along the minor axis into its
 # consumers (it copies memory), so results built in two halves joined by one get buffers of their own.
 def _in_halves(fn, size: int):
     """``fn(lo, hi)`` (an array or a tuple of arrays) over ``0:size/2`` and ``size/2:size`` of the
@@ -364,10 +378,6 @@ def _conv_input_grad(dy, kernel, input_spatial, strides, padding, dilation, grou
     Per input phase ``r``: the taps ``a`` with ``r + lo - a*d = 0 (mod s)``, rotated 180 degrees,
     form a kernel of dilation ``d / gcd(s, d)`` that is correlated with ``delta`` at stride 1."""
     window = _kernel_window(kernel.shape, layout)
-    few_inputs = kernel.shape[layout.kernel_in_axis] <= _SCATTERED_MAX_INPUT_CHANNELS
-    unit_stride = all(st == 1 for st in strides)
-    if groups == 1 and few_inputs and unit_stride and math.prod(window) > 1 and min(min(p) for p in padding) >= 0:
-        return _scattered_input_grad(dy, kernel, input_spatial, strides, padding, dilation, layout, precision)
     swapped = _kernel_from_groups(jnp.swapaxes(_kernel_to_groups(kernel, groups, layout), -1, -2), layout)
     count = [-(-n // s) for n, s in zip(input_spatial, strides, strict=True)]
     out = layout.spatial(dy.shape)
@@ -408,31 +418,6 @@ def _conv_input_grad(dy, kernel, input_spatial, strides, padding, dilation, grou
             )
         )
     return _interleave(phases, strides, input_spatial, layout)
-
-
-# A conv with few input channels (LeNet's 1 and 6) gets its input gradient as one matrix product
-# ``delta W^T`` for all taps at once, whose windows are then added back into place: XLA's CPU
-# convolution is slow to write so few channels (64x14x14x6 -> 16, 5x5: 0.8 ms against 1.4 ms;
-# 64x28x28x1 -> 6: 1.2 ms against 4.2 ms). Stride 1 only: on ResNet's 7x7/2 stem (3 channels)
-# XLA's is faster (29 ms against 34 ms).
-_SCATTERED_MAX_INPUT_CHANNELS = 8
-
-
-def _scattered_input_grad(dy, kernel, input_spatial, strides, padding, dilation, layout: Layout, precision):
-    """``dX_pad[x*s + a*d] += delta[x] W[a]^T`` over taps ``a``, cropped to the input (groups=1)."""
-    n = layout.spatial_rank
-    # (N, *out, *window, C_in): every tap's contribution at every output position
-    z = lax.dot_general(
-        dy, kernel, (((layout.channel_axis,), (layout.kernel_out_axis,)), ((), ())), precision=precision
-    )
-    if not layout.channels_last:
-        z = jnp.moveaxis(z, n + 1, -1)
-    parts = [z[(slice(None),) * (n + 1) + tap] for tap in _taps(_kernel_window(kernel.shape, layout))]
-    if not layout.channels_last:
-        parts = [jnp.moveaxis(part, -1, 1) for part in parts]
-    padded = [m + lo + hi for m, (lo, hi) in zip(input_spatial, padding, strict=True)]
-    full = _overlap_add(parts, padded, _kernel_window(kernel.shape, layout), strides, dilation, layout)
-    return _strided_slice(full, [lo for lo, _ in padding], input_spatial, (1,) * n, layout)
 
 
 # The correlation form of the kernel gradient is memory-bound in XLA's CPU convolution when it

@@ -15,7 +15,6 @@ from jax.test_util import check_grads
 from cnnjax import backprop
 from cnnjax._canon import Layout
 from cnnjax.backprop import (
-    _SCATTERED_MAX_INPUT_CHANNELS,
     _UNROLLED_MAX_GROUP_CHANNELS,
     avg_pool_grad,
     conv_bias_grad,
@@ -134,8 +133,7 @@ def lax_sum_pool(x, window, strides, pairs, layout):
 
 # (groups, C_in per group, C_out per group): each takes a different path through the closed forms
 CONV_KINDS = {
-    "dense": (1, 2, 3),  # few input channels: the input gradient as one product, scattered back
-    "dense_wide": (1, _SCATTERED_MAX_INPUT_CHANNELS + 1, 2),  # the input gradient as a correlation
+    "dense": (1, 2, 3),
     "one_input_channel": (1, 1, 3),  # per-tap products, like a depthwise conv
     "grouped": (2, 2, 3),
     "grouped_one_output": (2, 2, 1),
