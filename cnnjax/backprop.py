@@ -274,10 +274,11 @@ def _depthwise(groups: int, cig: int, cog: int) -> bool:
     return groups > 1 and min(cig, cog) == 1
 
 
-def _per_group(fn, groups: int, a, a_axis: int, b, b_axis: int, out_axis: int):
-    """``fn`` on each group's slices of ``a`` and ``b`` (split along the given axes), concatenated."""
+def _per_group(fn, groups: int, a, a_axis: int, b, b_axis: int, out_axis: int, **geometry):
+    """A grouped conv as ``groups`` dense ones: ``fn(a_g, b_g, groups=1, **geometry)`` on each
+    group's slices of ``a`` and ``b`` (split along the given axes), concatenated along ``out_axis``."""
     pieces = zip(jnp.split(a, groups, a_axis), jnp.split(b, groups, b_axis), strict=True)
-    return jnp.concatenate([fn(ai, bi) for ai, bi in pieces], out_axis)
+    return jnp.concatenate([fn(ai, bi, groups=1, **geometry) for ai, bi in pieces], out_axis)
 
 
 def _correlate(x, kernel, strides, padding, dilation, groups, layout: Layout, precision, buffered: bool = True):
@@ -309,17 +310,9 @@ def _correlate(x, kernel, strides, padding, dilation, groups, layout: Layout, pr
             precision=precision,
         )
     if cig > _UNROLLED_MAX_GROUP_CHANNELS:
-        dense = functools.partial(
-            _correlate,
-            strides=strides,
-            padding=padding,
-            dilation=dilation,
-            groups=1,
-            layout=layout,
-            precision=precision,
-        )
+        geometry = {"strides": strides, "padding": padding, "dilation": dilation, "layout": layout}
         c = layout.channel_axis
-        return _per_group(dense, groups, x, c, kernel, layout.kernel_out_axis, c)
+        return _per_group(_correlate, groups, x, c, kernel, layout.kernel_out_axis, c, **geometry, precision=precision)
     return _unrolled_correlate(x, kernel, strides, padding, dilation, groups, layout, buffered)
 
 
@@ -443,18 +436,9 @@ def _conv_kernel_grad(x, dy, window, strides, padding, dilation, groups, layout:
     if math.prod(window) == 1:
         return _pointwise_kernel_grad(x, dy, *geometry, precision)
     if groups > 1:
-        dense = functools.partial(
-            _conv_kernel_grad,
-            window=window,
-            strides=strides,
-            padding=padding,
-            dilation=dilation,
-            groups=1,
-            layout=layout,
-            precision=precision,
-        )
         c = layout.channel_axis
-        return _per_group(dense, groups, x, c, dy, c, layout.kernel_out_axis)
+        dense = {"window": window, "strides": strides, "padding": padding, "dilation": dilation, "layout": layout}
+        return _per_group(_conv_kernel_grad, groups, x, c, dy, c, layout.kernel_out_axis, **dense, precision=precision)
     batch = x.shape[0]
     positions = math.prod(layout.spatial(dy.shape))
     chunk = max(-(-_KERNEL_GRAD_CHUNK_POSITIONS // positions), -(-batch // _KERNEL_GRAD_MAX_CHUNKS))
