@@ -407,7 +407,7 @@ def _conv_input_grad(dy, kernel, input_spatial, strides, padding, dilation, grou
                 groups,
                 layout,
                 precision,
-                math.prod(strides) == 1,
+                buffered=math.prod(strides) == 1,  # one phase: the gradient itself
             )
         )
     return _interleave(phases, strides, input_spatial, layout)
@@ -429,7 +429,8 @@ def _conv_kernel_grad(x, dy, window, strides, padding, dilation, groups, layout:
 
     Three forms of the one formula: depthwise convs take a product and a sum per tap; a one-tap
     (1x1) kernel is one matrix product ``X^T delta``; otherwise the notes' ``dW = delta (*) a_{l-1}``,
-    a correlation of the input with ``delta``, summed over batch chunks (one per group)."""
+    a correlation of the input with ``delta``, summed over batch chunks (grouped convs: one
+    correlation per group)."""
     geometry = (window, strides, padding, dilation, groups, layout)
     if _depthwise(groups, layout.channels(x.shape) // groups, layout.channels(dy.shape) // groups):
         return _depthwise_kernel_grad(x, dy, *geometry)
