@@ -28,20 +28,6 @@ def scale_width(features: int, width_multiplier: float) -> int:
     return max(1, round(features * width_multiplier))
 
 
-def check_width_multiplier(width_multiplier: float, op: str) -> float:
-    """Return ``width_multiplier`` as a float, raising ``ValueError`` unless it is > 0."""
-    if not width_multiplier > 0:
-        raise ValueError(f"{op}: width_multiplier={width_multiplier!r} must be > 0")
-    return float(width_multiplier)
-
-
-def check_rate(rate: float, name: str, op: str) -> float:
-    """Return a dropout ``rate`` as a float, raising ``ValueError`` unless ``0 <= rate < 1``."""
-    if not 0.0 <= rate < 1.0:
-        raise ValueError(f"{op}: {name}={rate!r} must be in [0, 1)")
-    return float(rate)
-
-
 def check_images(x, in_features: int, op: str) -> None:
     """Raise ``ValueError`` unless ``x`` is a batch of NHWC images with ``in_features`` channels."""
     shape = jnp.shape(x)
@@ -49,9 +35,24 @@ def check_images(x, in_features: int, op: str) -> None:
         raise ValueError(f"{op}: x must be NHWC images (N, H, W, {in_features}), got shape {shape}")
 
 
-def check_classifier_args(num_classes: int, in_features: int, op: str) -> tuple[int, int]:
-    """Validate the two ints every model takes; return them."""
-    return check_positive(num_classes, "num_classes", op), check_positive(in_features, "in_features", op)
+def check_model_args(
+    op: str, num_classes: int, in_features: int, width_multiplier: float = 1.0, dropout_rate: float = 0.0
+) -> tuple[int, int, float, float]:
+    """Validate the arguments the zoo's models share; return them as
+    ``(num_classes, in_features, width_multiplier, dropout_rate)``.
+
+    Raises ``ValueError`` unless the two counts are positive ints, ``width_multiplier > 0`` and
+    ``0 <= dropout_rate < 1``."""
+    if not width_multiplier > 0:
+        raise ValueError(f"{op}: width_multiplier={width_multiplier!r} must be > 0")
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"{op}: dropout_rate={dropout_rate!r} must be in [0, 1)")
+    return (
+        check_positive(num_classes, "num_classes", op),
+        check_positive(in_features, "in_features", op),
+        float(width_multiplier),
+        float(dropout_rate),
+    )
 
 
 def eval_flag(train: bool | None) -> bool | None:

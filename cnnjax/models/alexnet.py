@@ -9,10 +9,8 @@ from cnnjax import nn
 from cnnjax.models._blocks import (
     MLPHead,
     Stack,
-    check_classifier_args,
     check_images,
-    check_rate,
-    check_width_multiplier,
+    check_model_args,
     conv_init,
     scale_width,
 )
@@ -60,10 +58,10 @@ class AlexNet(nnx.Module):
         rngs: nnx.Rngs,
     ):
         op = "AlexNet"
-        num_classes, in_features = check_classifier_args(num_classes, in_features, op)
-        width_multiplier = check_width_multiplier(width_multiplier, op)
+        num_classes, in_features, width_multiplier, dropout_rate = check_model_args(
+            op, num_classes, in_features, width_multiplier, dropout_rate
+        )
         hidden_features = check_positive(hidden_features, "hidden_features", op)
-        dropout_rate = check_rate(dropout_rate, "dropout_rate", op)
         c1, c2, c3, c4, c5 = (scale_width(c, width_multiplier) for c in (64, 192, 384, 256, 256))
 
         def conv(i, o, k, s=1, p=0):

@@ -13,9 +13,8 @@ from cnnjax import nn
 from cnnjax.models._blocks import (
     Stack,
     batch_norm,
-    check_classifier_args,
     check_images,
-    check_width_multiplier,
+    check_model_args,
     conv_bn,
     conv_init,
     eval_flag,
@@ -113,8 +112,7 @@ class DenseNet(nnx.Module):
         rngs: nnx.Rngs,
     ):
         op = "DenseNet"
-        num_classes, in_features = check_classifier_args(num_classes, in_features, op)
-        width_multiplier = check_width_multiplier(width_multiplier, op)
+        num_classes, in_features, width_multiplier, _ = check_model_args(op, num_classes, in_features, width_multiplier)
         bn_size = check_positive(bn_size, "bn_size", op)
         growth_rate = scale_width(check_positive(growth_rate, "growth_rate", op), width_multiplier)
         features = scale_width(check_positive(num_init_features, "num_init_features", op), width_multiplier)

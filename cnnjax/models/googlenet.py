@@ -9,10 +9,8 @@ from cnnjax import nn
 from cnnjax.models._blocks import (
     ConvBN,
     Stack,
-    check_classifier_args,
     check_images,
-    check_rate,
-    check_width_multiplier,
+    check_model_args,
     conv_bn,
     eval_flag,
     scale_width,
@@ -115,9 +113,9 @@ class GoogLeNet(nnx.Module):
         rngs: nnx.Rngs,
     ):
         op = "GoogLeNet"
-        num_classes, in_features = check_classifier_args(num_classes, in_features, op)
-        width_multiplier = check_width_multiplier(width_multiplier, op)
-        dropout_rate = check_rate(dropout_rate, "dropout_rate", op)
+        num_classes, in_features, width_multiplier, dropout_rate = check_model_args(
+            op, num_classes, in_features, width_multiplier, dropout_rate
+        )
         c64, c192 = scale_width(64, width_multiplier), scale_width(192, width_multiplier)
 
         def pool(k):

@@ -6,7 +6,7 @@ import jax
 from flax import nnx
 
 from cnnjax import nn
-from cnnjax.models._blocks import check_classifier_args, check_images
+from cnnjax.models._blocks import check_images, check_model_args
 from cnnjax.shapes import check_positive, conv_output_size, pool_output_size
 
 # notes 000, Xavier for conv: U(+-sqrt(6 / (k_h*k_w*(C_in + C_out)))); jax's xavier_uniform uses
@@ -35,7 +35,7 @@ class LeNet5(nnx.Module):
     """
 
     def __init__(self, *, num_classes: int = 10, in_features: int = 1, input_size: int = 28, rngs: nnx.Rngs):
-        num_classes, in_features = check_classifier_args(num_classes, in_features, "LeNet5")
+        num_classes, in_features, _, _ = check_model_args("LeNet5", num_classes, in_features)
         input_size = check_positive(input_size, "input_size", "LeNet5")
         side = input_size
         try:

@@ -8,10 +8,8 @@ from cnnjax import nn
 from cnnjax.models._blocks import (
     ConvBN,
     Stack,
-    check_classifier_args,
     check_images,
-    check_rate,
-    check_width_multiplier,
+    check_model_args,
     conv_bn,
     eval_flag,
     scale_width,
@@ -88,9 +86,9 @@ class MobileNetV1(nnx.Module):
         rngs: nnx.Rngs,
     ):
         op = "MobileNetV1"
-        num_classes, in_features = check_classifier_args(num_classes, in_features, op)
-        width_multiplier = check_width_multiplier(width_multiplier, op)
-        dropout_rate = check_rate(dropout_rate, "dropout_rate", op)
+        num_classes, in_features, width_multiplier, dropout_rate = check_model_args(
+            op, num_classes, in_features, width_multiplier, dropout_rate
+        )
         features = scale_width(32, width_multiplier)
         layers = [conv_bn(in_features, features, (3, 3), 1 if small_input else 2, padding=1, rngs=rngs)]
         for out, strides in _BLOCKS:

@@ -8,10 +8,8 @@ from flax import nnx
 from cnnjax import nn
 from cnnjax.models._blocks import (
     Stack,
-    check_classifier_args,
     check_images,
-    check_rate,
-    check_width_multiplier,
+    check_model_args,
     conv_init,
     eval_flag,
     scale_width,
@@ -74,9 +72,9 @@ class NiN(nnx.Module):
         rngs: nnx.Rngs,
     ):
         op = "NiN"
-        num_classes, in_features = check_classifier_args(num_classes, in_features, op)
-        width_multiplier = check_width_multiplier(width_multiplier, op)
-        dropout_rate = check_rate(dropout_rate, "dropout_rate", op)
+        num_classes, in_features, width_multiplier, dropout_rate = check_model_args(
+            op, num_classes, in_features, width_multiplier, dropout_rate
+        )
         c1, c2, c3 = (scale_width(c, width_multiplier) for c in (96, 256, 384))
         stem = (3, 1, 1) if small_input else (11, 4, 0)
         self.in_features = in_features

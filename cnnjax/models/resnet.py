@@ -11,9 +11,8 @@ from flax import nnx
 from cnnjax import nn
 from cnnjax.models._blocks import (
     Stack,
-    check_classifier_args,
     check_images,
-    check_width_multiplier,
+    check_model_args,
     conv_bn,
     scale_width,
 )
@@ -117,8 +116,7 @@ class ResNet(nnx.Module):
         rngs: nnx.Rngs,
     ):
         op = "ResNet"
-        num_classes, in_features = check_classifier_args(num_classes, in_features, op)
-        width_multiplier = check_width_multiplier(width_multiplier, op)
+        num_classes, in_features, width_multiplier, _ = check_model_args(op, num_classes, in_features, width_multiplier)
         if not stage_sizes:
             raise ValueError(f"ResNet: stage_sizes={stage_sizes!r} must list one or more stages")
         features = scale_width(64, width_multiplier)

@@ -12,10 +12,8 @@ from cnnjax import nn
 from cnnjax.models._blocks import (
     MLPHead,
     Stack,
-    check_classifier_args,
     check_images,
-    check_rate,
-    check_width_multiplier,
+    check_model_args,
     conv_init,
     scale_width,
 )
@@ -62,10 +60,10 @@ class VGG(nnx.Module):
         rngs: nnx.Rngs,
     ):
         op = "VGG"
-        num_classes, in_features = check_classifier_args(num_classes, in_features, op)
-        width_multiplier = check_width_multiplier(width_multiplier, op)
+        num_classes, in_features, width_multiplier, dropout_rate = check_model_args(
+            op, num_classes, in_features, width_multiplier, dropout_rate
+        )
         hidden_features = check_positive(hidden_features, "hidden_features", op)
-        dropout_rate = check_rate(dropout_rate, "dropout_rate", op)
         if not stage_features or not all(stage_features):
             raise ValueError(f"VGG: stage_features={stage_features!r} must list one or more non-empty stages")
         layers, features = [], in_features
