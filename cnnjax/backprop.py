@@ -143,6 +143,21 @@ def _tap_slices(xp, window, strides, dilation, layout: Layout, out=None):
     ]
 
 
+def _tap_overlap(tap, x_spatial, out_spatial, strides, padding, dilation):
+    """For window tap ``a``, the outputs ``j`` whose input ``j*s + a*d - lo`` lies inside ``x``
+    rather than in its zero padding: per dim ``(first output, count, first input)``; ``None``
+    if there are none."""
+    spans = []
+    for a, s, d, (lo, _), n, o in zip(tap, strides, dilation, padding, x_spatial, out_spatial, strict=True):
+        offset = a * d - lo
+        first = -(offset // s) if offset < 0 else 0  # ceil(-offset / s)
+        count = min(o - 1, (n - 1 - offset) // s) - first + 1
+        if count <= 0:
+            return None
+        spans.append((first, count, first * s + offset))
+    return spans
+
+
 def _split_channels(x, groups: int, layout: Layout):
     """View the channel axis ``c`` as ``(groups, C // groups)``; returns ``(array, c, spatial axes)``."""
     c = layout.channel_axis
@@ -231,26 +246,44 @@ def _overlap_add(parts, size, window, strides, dilation, layout: Layout):
     return _interleave(phases, strides, size, layout)
 
 
-# XLA:CPU runs a reduction to a few outputs as one serial loop; adding halves elementwise fuses
-# into parallel loops instead (depthwise kernel gradient of 8x112x112x32, 3x3: 60 -> 6 ms). The
-# halves are taken along whole leading axes, never a flattened view of them: reshaping a strided
-# slice costs a division per element (the same gradient: 11 ms flattened).
-_PAIRWISE_SUM_ROWS = 64
+# XLA:CPU hands big reductions to YNNPACK, which takes an elementwise product into the reduction
+# but not the slices feeding it: a sum of shifted products (a depthwise kernel gradient, one per
+# tap) materializes every shifted slice or product, 9x the input for a 3x3 kernel, and XLA's
+# default (concurrency-optimized) schedule keeps them all alive at once, so the program's scratch
+# memory passes glibc's 32 MiB mmap threshold and is page-faulted in afresh on every call
+# (8x14x14x512 depthwise conv forward+backward: 34 MiB scratch, 8,400 faults, 10 ms). Written
+# instead as an elementwise sum of a few slabs of the product (along the leading summed axes,
+# ``_materialized``), it is one loop that reads the operands once and writes a sixteenth of the
+# product, and only that is reduced (the same layer: 6 MiB, no faults, 2 ms).
+_SLAB_TERMS = 16
+_SLAB_MIN_SIZE = 1 << 16
 
 
-def _sum_all_but(a, keep):
-    """Sum over every axis not in ``keep`` (kept in order): halve the leading summed axes (all but
-    the innermost) pairwise down to a few rows, reduce them, then the innermost."""
-    a = jnp.moveaxis(a, keep, tuple(range(a.ndim - len(keep), a.ndim)))
-    summed = a.ndim - len(keep)
-    halved = tuple(range(max(summed - 1, 0)))
-    while math.prod(a.shape[i] for i in halved) > _PAIRWISE_SUM_ROWS:
-        axis = max(halved, key=lambda i: a.shape[i])
-        n = a.shape[axis]
-        half = -(-n // 2)
-        hi = jnp.pad(lax.slice_in_dim(a, half, n, axis=axis), [(0, n % 2 * (i == axis)) for i in range(a.ndim)])
-        a = lax.slice_in_dim(a, 0, half, axis=axis) + hi
-    return jnp.sum(jnp.sum(a, axis=halved), axis=tuple(range(summed - len(halved))))
+def _sum_all_but(block, shape, keep):
+    """Sum over every axis not in ``keep`` (kept in order) of an array of ``shape`` given by its
+    blocks: ``block(start, limit)`` is its part ``[start, limit)``. First the elementwise sum of up
+    to ``_SLAB_TERMS`` slabs along the leading summed axes (the first two that are not the minor
+    axis; a short last slab is padded with zeros), ``_materialized``; then a reduction of that."""
+    summed = tuple(i for i in range(len(shape)) if i not in keep)
+    counts, left = {}, _SLAB_TERMS
+    for axis in [i for i in summed if i < len(shape) - 1][:2]:
+        counts[axis] = min(shape[axis], left)
+        left //= counts[axis]
+    if math.prod(shape) < _SLAB_MIN_SIZE or math.prod(counts.values()) == 1:
+        return jnp.sum(block([0] * len(shape), list(shape)), axis=summed)
+    sizes = {axis: -(-shape[axis] // k) for axis, k in counts.items()}
+    terms = []
+    for index in itertools.product(*map(range, counts.values())):
+        start, limit, pads = [0] * len(shape), list(shape), [(0, 0, 0)] * len(shape)
+        for (axis, size), j in zip(sizes.items(), index, strict=True):
+            start[axis], limit[axis] = j * size, min((j + 1) * size, shape[axis])
+            pads[axis] = (0, size - (limit[axis] - start[axis]), 0)
+        if all(lo < hi for lo, hi in zip(start, limit, strict=True)):
+            term = block(start, limit)
+            terms.append(lax.pad(term, jnp.zeros((), term.dtype), pads) if any(map(any, pads)) else term)
+    while len(terms) > 1:  # a balanced tree of adds
+        terms = [functools.reduce(jnp.add, terms[i : i + 2]) for i in range(0, len(terms), 2)]
+    return jnp.sum(_materialized(terms[0]), axis=summed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,51 +351,60 @@ def _correlate(x, kernel, strides, padding, dilation, groups, layout: Layout, pr
 
 # XLA:CPU fuses elementwise work into every consumer, however much of it there is: per-tap
 # products or an arg-max fold fused into a reduction (a batch norm's statistics, a loss) run in its
-# serial reduction loop (8x112x112x32 depthwise conv then a sum of squares: 106 ms against 3 ms),
+# serial reduction loop (8x112x112x32 depthwise conv then a sum of squares: 101 ms against 1.7 ms),
 # and fused into several consumers run once per consumer (max pool 3x3/2 forward+backward on
-# 8x112x112x64: 34 ms against 12 ms). It never fuses a concatenate along the minor axis into its
-# consumers (it copies memory), so results built in two halves joined by one get buffers of their own.
-def _in_halves(fn, size: int):
-    """``fn(lo, hi)`` (an array or a tuple of arrays) over ``0:size/2`` and ``size/2:size`` of the
-    minor (last) axis, joined along it; ``fn(0, size)`` if ``size < 2``."""
-    if size < 2:
-        return fn(0, size)
-    return jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=-1), fn(0, size // 2), fn(size // 2, size))
+# 8x112x112x64: 34 ms against 12 ms). An in-place dynamic update slice is never fused into its
+# consumers and needs its operand in a buffer, so rewriting one element of a result with itself
+# makes XLA compute the result once, into memory, for a one-element copy.
+def _materialized(a):
+    """``a`` (an array or a tuple of arrays), computed into a buffer of its own by XLA."""
+
+    def rewrite_first(v):
+        if v.size == 0:
+            return v
+        return lax.dynamic_update_slice(v, lax.slice(v, (0,) * v.ndim, (1,) * v.ndim), (0,) * v.ndim)
+
+    return jax.tree.map(rewrite_first, a)
 
 
 def _unrolled_correlate(x, kernel, strides, padding, dilation, groups, layout: Layout, buffered: bool = True):
     """``Y[x] = sum_{a, i} X_pad[x*s + a*d, i] K[a, i]`` within each group: one product per tap
     ``a`` and input channel ``i`` of the group, broadcast over the group's output channels; built
-    ``_in_halves`` unless ``buffered=False``."""
+    ``_materialized`` unless ``buffered=False``. No padded copy of ``X``: each tap reads only the
+    part of ``X`` it meets (``_tap_overlap``) and its sum is padded with zeros to the output."""
     window = _kernel_window(kernel.shape, layout)
     cig, cog = kernel.shape[layout.kernel_in_axis], kernel.shape[layout.kernel_out_axis] // groups
     taps = _kernel_to_groups(kernel, groups, layout)  # (*window, G, C_in/G, C_out/G)
+    out = [
+        (n + lo + hi - d * (k - 1) - 1) // s + 1
+        for n, k, s, d, (lo, hi) in zip(layout.spatial(x.shape), window, strides, dilation, padding, strict=True)
+    ]
     c = layout.channel_axis
     trailing = (1,) * (x.ndim - 1 - c)  # the weights broadcast over the axes after the channels
-    slices = [
-        _split_channels(xs, groups, layout)[0]  # (.., G, C_in/G, ..)
-        for xs in _tap_slices(_pad_spatial(x, padding, 0, layout), window, strides, dilation, layout)
-    ]
+    reads = []  # (weights, the x it meets split into groups, zero padding to the output)
+    for tap in _taps(window):
+        spans = _tap_overlap(tap, layout.spatial(x.shape), out, strides, padding, dilation)
+        if spans is not None:
+            first, count, x_first = zip(*spans, strict=True)
+            xsg, _, spatial = _split_channels(_strided_slice(x, x_first, count, strides, layout), groups, layout)
+            pads = [(0, 0, 0)] * xsg.ndim
+            for axis, f, n, o in zip(spatial, first, count, out, strict=True):
+                pads[axis] = (f, o - f - n, 0)
+            reads.append((taps[tap], xsg, pads))
+    if not reads:  # every tap meets only padding
+        return jnp.zeros(layout.shape(x.shape[0], out, groups * cog), x.dtype)
 
-    def products(lo: int, hi: int):
-        """The outputs ``lo:hi`` along the split axis: the groups, or the one group's output
-        channels, if channels-last; else the last spatial axis."""
-        terms = []
-        for tap, xsg in zip(_taps(window), slices, strict=True):
-            weights = taps[tap]  # (G, C_in/G, C_out/G)
-            if not layout.channels_last:
-                xsg = lax.slice_in_dim(xsg, lo, hi, axis=-1)
-            elif groups > 1:
-                xsg, weights = lax.slice_in_dim(xsg, lo, hi, axis=c), weights[lo:hi]
-            else:
-                weights = weights[..., lo:hi]
-            for i in range(cig):
-                w = weights[:, i].reshape(weights.shape[0], weights.shape[2], *trailing)
-                terms.append(lax.slice_in_dim(xsg, i, i + 1, axis=c + 1) * w)
-        return _merge_channels(functools.reduce(jnp.add, terms), layout)
-
-    minor = slices[0].shape[-1] if not layout.channels_last else groups if groups > 1 else cog
-    return _in_halves(products, minor) if buffered else products(0, minor)
+    total = None
+    for weights, xsg, pads in reads:  # weights (G, C_in/G, C_out/G)
+        terms = [
+            lax.slice_in_dim(xsg, i, i + 1, axis=c + 1)
+            * weights[:, i].reshape(weights.shape[0], weights.shape[2], *trailing)
+            for i in range(cig)
+        ]
+        term = lax.pad(functools.reduce(jnp.add, terms), jnp.zeros((), x.dtype), pads)
+        total = term if total is None else total + term
+    y = _merge_channels(total, layout)
+    return _materialized(y) if buffered else y
 
 
 def _conv_input_grad(dy, kernel, input_spatial, strides, padding, dilation, groups, layout: Layout, precision):
@@ -495,19 +537,36 @@ def _depthwise_kernel_grad(x, dy, window, strides, padding, dilation, groups, la
     """Per tap ``a``: ``dW[a] = sum_{n, x} X_pad[n, x*s + a*d] * delta[n, x]`` within each group
     (one input or one output channel per group: the product broadcasts the one over the other)."""
     cig, cog = layout.channels(x.shape) // groups, layout.channels(dy.shape) // groups
-    c = layout.channel_axis
-    if cig == cog == 1:  # no channel split: a size-1 axis costs XLA a copy per tap
+    c, split = layout.channel_axis, not cig == cog == 1  # no split: a size-1 axis costs XLA a copy per tap
 
-        def product(xs):
-            return _sum_all_but(xs * dy, (c,))
-    else:
-        dyg = _split_channels(dy, groups, layout)[0]  # (.., G, C_out/G, ..)
+    def product(xs, dys):
+        if split:
+            return _split_channels(xs, groups, layout)[0] * _split_channels(dys, groups, layout)[0]
+        return xs * dys
 
-        def product(xs):
-            return _sum_all_but(_split_channels(xs, groups, layout)[0] * dyg, (c, c + 1))
+    spatial = tuple(a + (split and a > c) for a in layout.spatial_axes)  # in the product
+    grads = []
+    for tap in _taps(window):
+        spans = _tap_overlap(tap, layout.spatial(x.shape), layout.spatial(dy.shape), strides, padding, dilation)
+        if spans is None:  # the tap only ever meets padding
+            grads.append(jnp.zeros(groups * cig * cog, x.dtype))
+            continue
+        first, count, x_first = zip(*spans, strict=True)
 
-    xp = _pad_spatial(x, padding, 0, layout)
-    grads = [product(xs) for xs in _tap_slices(xp, window, strides, dilation, layout, layout.spatial(dy.shape))]
+        def block(start, limit, first=first, x_first=x_first):
+            """The products of the outputs ``[start, limit)`` (batch and space)."""
+            lo, hi = [start[a] for a in spatial], [limit[a] for a in spatial]
+            size = [h - b for b, h in zip(lo, hi, strict=True)]
+            xb, dyb = (lax.slice_in_dim(v, start[0], limit[0]) for v in (x, dy))
+            xs = _strided_slice(
+                xb, [f + b * s for f, b, s in zip(x_first, lo, strides, strict=True)], size, strides, layout
+            )
+            dys = _strided_slice(dyb, [f + b for f, b in zip(first, lo, strict=True)], size, (1,) * len(size), layout)
+            return product(xs, dys)
+
+        shape = list(layout.shape(x.shape[0], count, groups * max(cig, cog)))
+        shape[c : c + 1] = [groups, max(cig, cog)] if split else shape[c : c + 1]
+        grads.append(_sum_all_but(block, shape, (c, c + 1) if split else (c,)).reshape(-1))
     return _kernel_from_groups(jnp.stack(grads).reshape(*window, groups, cig, cog), layout)
 
 
@@ -651,17 +710,13 @@ def _max_pool_argmax(x, window, strides, padding, dilation, layout: Layout):
     index of the first tap holding the maximum."""
     taps = _tap_slices(_pad_spatial(x, padding, _lowest(x.dtype), layout), window, strides, dilation, layout)
 
-    def fold(lo, hi):
-        part = [lax.slice_in_dim(xs, lo, hi, axis=-1) for xs in taps]
-        y = functools.reduce(jnp.maximum, part)  # lax.max, as reduce_window: a NaN propagates
-        best, index = part[0], jnp.zeros(y.shape, np.min_scalar_type(len(part) - 1))
-        for t, xs in enumerate(part[1:], 1):
-            later = xs > best  # strictly greater: a tie keeps the earlier tap
-            index = jnp.where(later, jnp.asarray(t, index.dtype), index)
-            best = jnp.where(later, xs, best)
-        return y, index
-
-    return _in_halves(fold, taps[0].shape[-1])
+    y = functools.reduce(jnp.maximum, taps)  # lax.max, as reduce_window: a NaN propagates
+    best, index = taps[0], jnp.zeros(y.shape, np.min_scalar_type(len(taps) - 1))
+    for t, xs in enumerate(taps[1:], 1):
+        later = xs > best  # strictly greater: a tie keeps the earlier tap
+        index = jnp.where(later, jnp.asarray(t, index.dtype), index)
+        best = jnp.where(later, xs, best)
+    return _materialized((y, index))
 
 
 def _max_pool_grad(index, dy, input_spatial, window, strides, padding, dilation, layout: Layout):
@@ -866,7 +921,8 @@ def conv_bias_grad(dy, layout="NHWC"):
     op = "conv_bias_grad"
     lay = layout_of(dy, layout, op, "dy")
     require_float(dy, op, "dy")
-    return _sum_all_but(jnp.asarray(dy), (lay.channel_axis,))
+    dy = jnp.asarray(dy)
+    return _sum_all_but(lambda start, limit: lax.slice(dy, start, limit), dy.shape, (lay.channel_axis,))
 
 
 def _pool_args(op, x_shape, dy_shape, layout: Layout, window_shape, strides, padding, window_dilation):
