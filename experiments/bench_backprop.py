@@ -6,10 +6,12 @@ input gradient and, for convs, kernel gradient) of ``cnnjax.conv`` / ``max_pool`
 under ``vjp="xla"`` and ``vjp="closed_form"``, and PyTorch's ``forward`` + ``backward`` on the same
 shapes in its default NCHW layout and in ``channels_last`` (the NHWC memory layout cnnjax uses),
 with as many threads as JAX's CPU backend (one per core here). Every function is warmed up
-(compiled) first; the methods are then timed round-robin, ``--rounds`` times, and the median is
-reported, so a busy machine slows all of them alike (JAX's and PyTorch's blocks are separate:
-each framework's idle worker threads would slow the other's next call). The ``auto`` column is what ``vjp="auto"``
-picks on this backend (``cnnjax.backprop._AUTO``); ratios are against ``auto``.
+(compiled) first; then all four are timed in one round-robin, ``--rounds`` samples each of at
+least ``--min-sample-ms``, with ``bench.Timer`` (the same timer as ``bench.py``: a short pause
+before every sample, so that neither framework's spinning worker threads slow the other's next
+call), and the medians are reported: a busy machine slows all of them alike. The ``auto``
+column is what ``vjp="auto"`` picks on this backend (``cnnjax.backprop._AUTO``); ratios are
+against ``auto``.
 
 Run (from the repository root, on an otherwise idle machine):
 
@@ -24,11 +26,11 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import time
 
 import jax
 import numpy as np
+from bench import Timer
 
 from cnnjax.backprop import resolve_vjp
 from cnnjax.convolution import conv
@@ -146,41 +148,30 @@ def torch_step(case: Case, channels_last: bool):
     return step
 
 
-_FRAMEWORK_PAUSE_S = 0.2
 # PyTorch's first calls on a new shape are slow (its CPU kernels pick an algorithm: ~90 ms for
-# LeNet's second conv, then 1 ms), so every method is warmed up for a few calls and some time.
+# LeNet's second conv, then 1 ms), so every method is warmed up for a few calls and some time
+# before bench.Timer (which itself calls each step only twice first) takes over.
 _WARMUP_CALLS, _WARMUP_S = 5, 0.3
 
 
-def time_round_robin(steps: dict, rounds: int) -> dict:
-    """Median milliseconds of each zero-argument step, timed in turn after a warm-up."""
+def warm_up(steps: dict) -> None:
     for step in steps.values():
         start, calls = time.perf_counter(), 0
         while calls < _WARMUP_CALLS or time.perf_counter() - start < _WARMUP_S:
             step()
             calls += 1
-    times = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 
-def bench_case(case: Case, rounds: int, with_torch: bool) -> dict:
-    """Milliseconds per method for one case, plus the ``auto`` choice.
-
-    JAX's and PyTorch's methods are timed in separate blocks with a pause between them: both
-    keep their worker threads spinning for a while after each call, which would otherwise
-    slow the other framework's next call."""
+def bench_case(case: Case, timer: Timer, with_torch: bool) -> dict:
+    """Milliseconds per method for one case, plus the ``auto`` choice. All methods are timed in
+    one round-robin (``bench.Timer``: a pause before every sample, so that neither framework's
+    spinning worker threads slow the other's next call)."""
     inputs = jax_inputs(case)
-    ms = time_round_robin({vjp: jax_step(case, vjp, inputs) for vjp in ("xla", "closed_form")}, rounds)
+    steps = {vjp: jax_step(case, vjp, inputs) for vjp in ("xla", "closed_form")}
     if with_torch:
-        time.sleep(_FRAMEWORK_PAUSE_S)
-        steps = {"torch": torch_step(case, channels_last=False), "torch_cl": torch_step(case, channels_last=True)}
-        ms |= time_round_robin(steps, rounds)
-        time.sleep(_FRAMEWORK_PAUSE_S)
+        steps |= {"torch": torch_step(case, channels_last=False), "torch_cl": torch_step(case, channels_last=True)}
+    warm_up(steps)
+    ms = timer.median_ms(steps)
     auto = resolve_vjp("auto", "conv" if case.op == "conv" else case.op)
     return {"model": case.model, "layer": case.label, **ms, "auto": ms[auto], "auto_is": auto}
 
@@ -216,6 +207,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a quarter of the batch and 3 rounds")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per method (default 7, quick 3)")
+    parser.add_argument("--min-sample-ms", type=float, default=20.0, help="shortest timed sample (back-to-back calls)")
     parser.add_argument("--only", default="", help="run only layers whose op or model contains this text")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch columns")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
@@ -237,7 +229,7 @@ def main(argv=None) -> None:
     print(f"{versions}; {threads} threads; float32; median of {rounds} round-robin rounds", flush=True)
     rows = []
     for case in cases:
-        rows.append(bench_case(case, rounds, with_torch))
+        rows.append(bench_case(case, Timer(rounds, args.min_sample_ms / 1e3), with_torch))
         print(
             f"  {case.model:20s} {case.label:45s} "
             + " ".join(f"{k}={rows[-1][k]:.1f}" for k in ("xla", "closed_form", "torch", "torch_cl") if k in rows[-1]),
