@@ -194,6 +194,54 @@ def test_conv_grads_equal_autodiff(geometry, kind, seed):
         assert_close(actual, dk_ref)
 
 
+# Products this big (>= backprop._SLAB_MIN_SIZE elements) are summed in slabs before the
+# reduction; odd sizes leave a short last slab, padded with zeros.
+@pytest.mark.parametrize(
+    "layout, groups, cig, cog, strides",
+    [("NHWC", 16, 1, 1, 1), ("NHWC", 8, 1, 2, 2), ("NCHW", 16, 1, 1, 1), ("NCHW", 8, 2, 1, 2)],
+)
+def test_depthwise_kernel_grad_in_slabs_equals_autodiff(layout, groups, cig, cog, strides):
+    lay = Layout(layout == "NHWC", 2)
+    rng = np.random.default_rng(groups + cig + cog + strides)
+    x = jnp.asarray(rng.normal(size=lay.shape(3 * strides**2, (61, 63), groups * cig)), jnp.float32)
+    kshape = (3, 3, cig, groups * cog) if lay.channels_last else (groups * cog, cig, 3, 3)
+    kernel = jnp.asarray(rng.normal(size=kshape), jnp.float32)
+    geometry = {"strides": (strides,) * 2, "padding": 1, "feature_group_count": groups, "layout": layout}
+    y, vjp = jax.vjp(lambda x, k: conv(x, k, **geometry, vjp="xla"), x, kernel)
+    assert y.size * cig >= backprop._SLAB_MIN_SIZE  # the slab path is taken
+    dy = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+    dx_ref, dk_ref = vjp(dy)
+    y_closed, vjp_closed = jax.vjp(lambda x, k: conv(x, k, **geometry, vjp="closed_form"), x, kernel)
+    dx, dk = vjp_closed(dy)
+    assert_close(y_closed, y)
+    assert_close(dx, dx_ref)
+    assert_close(dk, dk_ref, rtol=1e-4)  # sums of 6,000 products in another order
+
+
+def test_conv_bias_grad_in_slabs():
+    dy = jnp.asarray(np.random.default_rng(0).normal(size=(5, 33, 35, 16)), jnp.float32)
+    assert_close(conv_bias_grad(dy), np.asarray(dy, np.float64).sum(axis=(0, 1, 2)), rtol=1e-4)
+
+
+def test_conv_whose_taps_meet_only_padding_is_zero():
+    # one input position, kernel 1, stride 2, padding 1: output 0 reads x[-1], output 1 reads x[1]
+    x, kernel = jnp.ones((1, 1, 2)), jnp.ones((1, 1, 2))
+    for vjp in ("xla", "closed_form"):
+        y, pullback = jax.vjp(
+            lambda x, k, vjp=vjp: conv(x, k, strides=2, padding=1, feature_group_count=2, layout="NWC", vjp=vjp),
+            x,
+            kernel,
+        )
+        dx, dk = pullback(jnp.ones_like(y))
+        assert y.shape == (1, 2, 2) and not np.any(y) and not np.any(dx) and not np.any(dk)
+
+
+def test_materialized_survives_xla():
+    # the one-element rewrite that makes XLA write a result to memory must not be optimized away
+    hlo = jax.jit(lambda a: jnp.sum(backprop._materialized(jnp.sin(a)) ** 2)).lower(jnp.ones((64, 64))).compile()
+    assert "dynamic-update-slice" in hlo.as_text()
+
+
 @pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
 def test_conv_bias_grad_sums_batch_and_space(layout):
     dy = jnp.arange(2 * 3 * 4 * 5, dtype=jnp.float32).reshape(2, 3, 4, 5)
