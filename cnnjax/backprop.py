@@ -143,10 +143,18 @@ def _tap_slices(xp, window, strides, dilation, layout: Layout, out=None):
     ]
 
 
+def _output_spatial(x_spatial, window, strides, padding, dilation) -> list[int]:
+    """Windows per spatial dim over the padded input (``lo``/``hi`` may be negative: a crop)."""
+    return [
+        (n + lo + hi - d * (k - 1) - 1) // s + 1
+        for n, k, s, d, (lo, hi) in zip(x_spatial, window, strides, dilation, padding, strict=True)
+    ]
+
+
 def _tap_overlap(tap, x_spatial, out_spatial, strides, padding, dilation):
     """For window tap ``a``, the outputs ``j`` whose input ``j*s + a*d - lo`` lies inside ``x``
-    rather than in its zero padding: per dim ``(first output, count, first input)``; ``None``
-    if there are none."""
+    rather than in its padding: per dim ``(first output, count, first input)``; ``None`` if
+    there are none."""
     spans = []
     for a, s, d, (lo, _), n, o in zip(tap, strides, dilation, padding, x_spatial, out_spatial, strict=True):
         offset = a * d - lo
@@ -156,6 +164,20 @@ def _tap_overlap(tap, x_spatial, out_spatial, strides, padding, dilation):
             return None
         spans.append((first, count, first * s + offset))
     return spans
+
+
+def _tap_read(x, tap, out_spatial, strides, padding, dilation, layout: Layout):
+    """What window tap ``a`` reads of the unpadded ``x``, and the ``lax.pad`` config that places
+    it among all ``out_spatial`` windows (the rest read padding); ``None`` if it reads only padding.
+    Taking taps this way needs no padded copy of ``x``."""
+    spans = _tap_overlap(tap, layout.spatial(x.shape), out_spatial, strides, padding, dilation)
+    if spans is None:
+        return None
+    first, count, x_first = zip(*spans, strict=True)
+    pads = [(0, 0, 0)] * x.ndim
+    for axis, f, n, o in zip(layout.spatial_axes, first, count, out_spatial, strict=True):
+        pads[axis] = (f, o - f - n, 0)
+    return _strided_slice(x, x_first, count, strides, layout), pads
 
 
 def _split_channels(x, groups: int, layout: Layout):
@@ -353,9 +375,11 @@ def _correlate(x, kernel, strides, padding, dilation, groups, layout: Layout, pr
 # products or an arg-max fold fused into a reduction (a batch norm's statistics, a loss) run in its
 # serial reduction loop (8x112x112x32 depthwise conv then a sum of squares: 101 ms against 1.7 ms),
 # and fused into several consumers run once per consumer (max pool 3x3/2 forward+backward on
-# 8x112x112x64: 34 ms against 12 ms). An in-place dynamic update slice is never fused into its
-# consumers and needs its operand in a buffer, so rewriting one element of a result with itself
-# makes XLA compute the result once, into memory, for a one-element copy.
+# 8x112x112x64: 43 ms against 28 ms). An in-place dynamic update slice needs its operand in a
+# buffer and is not fused into reductions, so rewriting one element of a result with itself has
+# XLA compute the result once, into memory, for a one-element copy. (XLA may still fuse the update
+# into an elementwise consumer, as a select: LeNet-5's first conv, then a sigmoid, is 1.5x slower
+# in a training step that way, so ungrouped convs skip it; see ``_unrolled_correlate``.)
 def _materialized(a):
     """``a`` (an array or a tuple of arrays), computed into a buffer of its own by XLA."""
 
@@ -372,7 +396,7 @@ def _unrolled_correlate(x, kernel, strides, padding, dilation, groups, layout: L
     ``a`` and input channel ``i`` of the group, broadcast over the group's output channels.
 
     With one output channel per group (depthwise) there is no padded copy of ``X``: each tap
-    reads only the part of ``X`` it meets (``_tap_overlap``) and its sum is padded with zeros, in
+    reads only the part of ``X`` it meets (``_tap_read``) and its sum is padded with zeros, in
     the one loop (8x112x112x32, 3x3: no 13 MB copy). Products that broadcast over several output
     channels read a padded copy instead: XLA writes their padded sums out (LeNet-5's first layer,
     batch 256: 25 buffers of 4.8 MB). Grouped results are ``_materialized`` unless
@@ -382,42 +406,37 @@ def _unrolled_correlate(x, kernel, strides, padding, dilation, groups, layout: L
     window = _kernel_window(kernel.shape, layout)
     cig, cog = kernel.shape[layout.kernel_in_axis], kernel.shape[layout.kernel_out_axis] // groups
     taps = _kernel_to_groups(kernel, groups, layout)  # (*window, G, C_in/G, C_out/G)
-    out = [
-        (n + lo + hi - d * (k - 1) - 1) // s + 1
-        for n, k, s, d, (lo, hi) in zip(layout.spatial(x.shape), window, strides, dilation, padding, strict=True)
-    ]
-    reads = []  # (tap, the X it reads split into groups, the zero padding of its sum)
+    out = _output_spatial(layout.spatial(x.shape), window, strides, padding, dilation)
+    # (tap, the X it reads, the zero padding of its sum)
     if cog > 1:
         xp = _pad_spatial(x, padding, 0, layout)
-        for tap, xs in zip(_taps(window), _tap_slices(xp, window, strides, dilation, layout), strict=True):
-            reads.append((tap, _split_channels(xs, groups, layout)[0], None))
+        reads = [
+            (tap, xs, None)
+            for tap, xs in zip(_taps(window), _tap_slices(xp, window, strides, dilation, layout), strict=True)
+        ]
     else:
-        for tap in _taps(window):
-            spans = _tap_overlap(tap, layout.spatial(x.shape), out, strides, padding, dilation)
-            if spans is not None:  # else the tap meets only padding
-                first, count, x_first = zip(*spans, strict=True)
-                xsg, _, spatial = _split_channels(_strided_slice(x, x_first, count, strides, layout), groups, layout)
-                pads = [(0, 0, 0)] * xsg.ndim
-                for axis, f, n, o in zip(spatial, first, count, out, strict=True):
-                    pads[axis] = (f, o - f - n, 0)
-                reads.append((tap, xsg, pads))
+        reads = [
+            (tap, *read)
+            for tap in _taps(window)
+            if (read := _tap_read(x, tap, out, strides, padding, dilation, layout))
+        ]
     if not reads:  # every tap meets only padding
         return jnp.zeros(layout.shape(x.shape[0], out, groups * cog), x.dtype)
     c = layout.channel_axis
     trailing = (1,) * (x.ndim - 1 - c)  # the weights broadcast over the axes after the channels
     total = None
-    for tap, xsg, pads in reads:
+    for tap, xs, pads in reads:
+        xsg = _split_channels(xs, groups, layout)[0]  # (.., G, C_in/G, ..)
         weights = taps[tap]  # (G, C_in/G, C_out/G)
         terms = [
             lax.slice_in_dim(xsg, i, i + 1, axis=c + 1)
             * weights[:, i].reshape(weights.shape[0], weights.shape[2], *trailing)
             for i in range(cig)
         ]
-        term = functools.reduce(jnp.add, terms)
+        term = _merge_channels(functools.reduce(jnp.add, terms), layout)
         term = term if pads is None else lax.pad(term, jnp.zeros((), x.dtype), pads)
         total = term if total is None else total + term
-    y = _merge_channels(total, layout)
-    return _materialized(y) if buffered and groups > 1 else y
+    return _materialized(total) if buffered and groups > 1 else total
 
 
 def _conv_input_grad(dy, kernel, input_spatial, strides, padding, dilation, groups, layout: Layout, precision):
@@ -735,30 +754,20 @@ def _sum_pool_grad(dy, input_spatial, window, strides, padding, layout: Layout):
 def _max_pool_argmax(x, window, strides, padding, dilation, layout: Layout):
     """Window maxima of the ``-inf``-padded ``x`` and each window's "max id": the scan-order
     index of the first tap holding the maximum."""
-    out = [
-        (n + lo + hi - d * (k - 1) - 1) // s + 1
-        for n, k, s, d, (lo, hi) in zip(layout.spatial(x.shape), window, strides, dilation, padding, strict=True)
-    ]
+    out = _output_spatial(layout.spatial(x.shape), window, strides, padding, dilation)
     lowest = jnp.asarray(_lowest(x.dtype), x.dtype)
-    taps = []  # each tap's reads, padded with -inf where it meets the padding (no padded copy of x)
+    taps = []  # what each tap reads, padded with -inf (a tap that reads only padding: all -inf)
     for tap in _taps(window):
-        spans = _tap_overlap(tap, layout.spatial(x.shape), out, strides, padding, dilation)
-        if spans is None:
-            taps.append(jnp.full(layout.shape(x.shape[0], out, layout.channels(x.shape)), lowest))
-            continue
-        first, count, x_first = zip(*spans, strict=True)
-        pads = [(0, 0, 0)] * x.ndim
-        for axis, f, n, o in zip(layout.spatial_axes, first, count, out, strict=True):
-            pads[axis] = (f, o - f - n, 0)
-        taps.append(lax.pad(_strided_slice(x, x_first, count, strides, layout), lowest, pads))
+        read = _tap_read(x, tap, out, strides, padding, dilation, layout)
+        full = jnp.full(layout.shape(x.shape[0], out, layout.channels(x.shape)), lowest)
+        taps.append(full if read is None else lax.pad(read[0], lowest, read[1]))
     best, index = taps[0], jnp.zeros(taps[0].shape, np.min_scalar_type(len(taps) - 1))
     for t, xs in enumerate(taps[1:], 1):
         # strictly greater: a tie keeps the earlier tap; a NaN wins and stays, as in lax.max
         later = (xs > best) | (xs != xs)
         index = jnp.where(later, jnp.asarray(t, index.dtype), index)
         best = jnp.where(later, xs, best)
-    y = best
-    return _materialized((y, index))
+    return _materialized((best, index))
 
 
 def _max_pool_grad(index, dy, input_spatial, window, strides, padding, dilation, layout: Layout):
