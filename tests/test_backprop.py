@@ -218,6 +218,24 @@ def test_depthwise_kernel_grad_in_slabs_equals_autodiff(layout, groups, cig, cog
     assert_close(dk, dk_ref, rtol=1e-4)  # sums of 6,000 products in another order
 
 
+# Few input channels: the input gradient folds the last axis's taps (every axis's, with one
+# channel) into the channels; the leading axes need stride 1, else the phase form runs.
+@pytest.mark.parametrize("layout", ["NWC", "NCW", "NHWC", "NCHW", "NDHWC", "NCDHW"])
+@pytest.mark.parametrize("cin, strides, dilation", [(1, 2, 1), (3, 1, 2), (3, "last", 1), (5, 2, 1)])
+def test_conv_input_grad_with_few_input_channels_equals_autodiff(layout, cin, strides, dilation):
+    rank = len(layout) - 2
+    lay = Layout(layout.endswith("C"), rank)
+    strides = (1,) * (rank - 1) + (2,) if strides == "last" else strides  # stride 2 on the folded axis
+    rng = np.random.default_rng(cin * rank)
+    x = jnp.asarray(rng.normal(size=lay.shape(2, (9, 8, 7)[:rank], cin)), jnp.float32)
+    window = (3, 2, 3)[:rank]
+    kernel = jnp.asarray(rng.normal(size=(*window, cin, 4) if lay.channels_last else (4, cin, *window)), jnp.float32)
+    geometry = {"strides": strides, "padding": ((1, 2),) * rank, "kernel_dilation": dilation, "layout": layout}
+    y, vjp = jax.vjp(lambda x: conv(x, kernel, **geometry, vjp="xla"), x)
+    dy = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+    assert_close(conv_input_grad(dy, kernel, x.shape, **geometry), vjp(dy)[0])
+
+
 def test_conv_bias_grad_in_slabs():
     dy = jnp.asarray(np.random.default_rng(0).normal(size=(5, 33, 35, 16)), jnp.float32)
     assert_close(conv_bias_grad(dy), np.asarray(dy, np.float64).sum(axis=(0, 1, 2)), rtol=1e-4)
