@@ -143,18 +143,10 @@ def _tap_slices(xp, window, strides, dilation, layout: Layout, out=None):
     ]
 
 
-def _output_spatial(x_spatial, window, strides, padding, dilation) -> list[int]:
-    """Windows per spatial dim over the padded input (``lo``/``hi`` may be negative: a crop)."""
-    return [
-        (n + lo + hi - d * (k - 1) - 1) // s + 1
-        for n, k, s, d, (lo, hi) in zip(x_spatial, window, strides, dilation, padding, strict=True)
-    ]
-
-
 def _tap_overlap(tap, x_spatial, out_spatial, strides, padding, dilation):
     """For window tap ``a``, the outputs ``j`` whose input ``j*s + a*d - lo`` lies inside ``x``
-    rather than in its padding: per dim ``(first output, count, first input)``; ``None`` if
-    there are none."""
+    rather than in its zero padding: per dim ``(first output, count, first input)``; ``None`` if
+    there are none (the tap's products are then all zero)."""
     spans = []
     for a, s, d, (lo, _), n, o in zip(tap, strides, dilation, padding, x_spatial, out_spatial, strict=True):
         offset = a * d - lo
@@ -164,20 +156,6 @@ def _tap_overlap(tap, x_spatial, out_spatial, strides, padding, dilation):
             return None
         spans.append((first, count, first * s + offset))
     return spans
-
-
-def _tap_read(x, tap, out_spatial, strides, padding, dilation, layout: Layout):
-    """What window tap ``a`` reads of the unpadded ``x``, and the ``lax.pad`` config that places
-    it among all ``out_spatial`` windows (the rest read padding); ``None`` if it reads only padding.
-    Taking taps this way needs no padded copy of ``x``."""
-    spans = _tap_overlap(tap, layout.spatial(x.shape), out_spatial, strides, padding, dilation)
-    if spans is None:
-        return None
-    first, count, x_first = zip(*spans, strict=True)
-    pads = [(0, 0, 0)] * x.ndim
-    for axis, f, n, o in zip(layout.spatial_axes, first, count, out_spatial, strict=True):
-        pads[axis] = (f, o - f - n, 0)
-    return _strided_slice(x, x_first, count, strides, layout), pads
 
 
 def _split_channels(x, groups: int, layout: Layout):
@@ -391,52 +369,43 @@ def _materialized(a):
     return jax.tree.map(rewrite_first, a)
 
 
+# A result with two outputs (max pooling's maxima and arg-maxes) is computed in two halves joined
+# along the minor axis instead: XLA does not fuse such a concatenate into its consumers, and the
+# halves were 5-25% faster than ``_materialized`` there (max pool 3x3/2 on 8x112x112x64).
+def _in_halves(fn, size: int):
+    """``fn(lo, hi)`` (an array or a tuple of arrays) over ``0:size/2`` and ``size/2:size`` of the
+    minor (last) axis, joined along it; ``fn(0, size)`` if ``size < 2``."""
+    if size < 2:
+        return fn(0, size)
+    return jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=-1), fn(0, size // 2), fn(size // 2, size))
+
+
 def _unrolled_correlate(x, kernel, strides, padding, dilation, groups, layout: Layout, buffered: bool = True):
     """``Y[x] = sum_{a, i} X_pad[x*s + a*d, i] K[a, i]`` within each group: one product per tap
     ``a`` and input channel ``i`` of the group, broadcast over the group's output channels.
 
-    With one output channel per group (depthwise) there is no padded copy of ``X``: each tap
-    reads only the part of ``X`` it meets (``_tap_read``) and its sum is padded with zeros, in
-    the one loop (8x112x112x32, 3x3: no 13 MB copy). Products that broadcast over several output
-    channels read a padded copy instead: XLA writes their padded sums out (LeNet-5's first layer,
-    batch 256: 25 buffers of 4.8 MB). Grouped results are ``_materialized`` unless
-    ``buffered=False``: models follow them with a batch norm, whose reductions would otherwise
-    recompute the products (ResNeXt-style block, 32 groups of 4, forward+backward: 40 -> 12 ms);
-    ungrouped ones (LeNet-5's first layer, then a sigmoid) are faster fused (14 -> 11.5 ms)."""
+    Grouped results are ``_materialized`` unless ``buffered=False``: models follow them with a
+    batch norm, whose reductions would otherwise recompute the products (ResNeXt-style block, 32
+    groups of 4, forward+backward: 40 -> 12 ms); ungrouped ones (LeNet-5's first layer, then a
+    sigmoid) are faster fused (14 -> 11.5 ms). The taps read a padded copy of ``X``: reading only
+    the part of ``X`` each tap meets and padding each tap's sum instead saves the copy, but XLA
+    then writes every padded sum out when an elementwise op (a bias, a ReLU's derivative) follows
+    (8x112x112x32 depthwise conv + bias: 34 ms against 1.4 ms)."""
     window = _kernel_window(kernel.shape, layout)
-    cig, cog = kernel.shape[layout.kernel_in_axis], kernel.shape[layout.kernel_out_axis] // groups
+    cig = kernel.shape[layout.kernel_in_axis]
     taps = _kernel_to_groups(kernel, groups, layout)  # (*window, G, C_in/G, C_out/G)
-    out = _output_spatial(layout.spatial(x.shape), window, strides, padding, dilation)
-    # (tap, the X it reads, the zero padding of its sum)
-    if cog > 1:
-        xp = _pad_spatial(x, padding, 0, layout)
-        reads = [
-            (tap, xs, None)
-            for tap, xs in zip(_taps(window), _tap_slices(xp, window, strides, dilation, layout), strict=True)
-        ]
-    else:
-        reads = [
-            (tap, *read)
-            for tap in _taps(window)
-            if (read := _tap_read(x, tap, out, strides, padding, dilation, layout))
-        ]
-    if not reads:  # every tap meets only padding
-        return jnp.zeros(layout.shape(x.shape[0], out, groups * cog), x.dtype)
     c = layout.channel_axis
     trailing = (1,) * (x.ndim - 1 - c)  # the weights broadcast over the axes after the channels
-    total = None
-    for tap, xs, pads in reads:
+    xp = _pad_spatial(x, padding, 0, layout)
+    terms = []
+    for tap, xs in zip(_taps(window), _tap_slices(xp, window, strides, dilation, layout), strict=True):
         xsg = _split_channels(xs, groups, layout)[0]  # (.., G, C_in/G, ..)
         weights = taps[tap]  # (G, C_in/G, C_out/G)
-        terms = [
-            lax.slice_in_dim(xsg, i, i + 1, axis=c + 1)
-            * weights[:, i].reshape(weights.shape[0], weights.shape[2], *trailing)
-            for i in range(cig)
-        ]
-        term = _merge_channels(functools.reduce(jnp.add, terms), layout)
-        term = term if pads is None else lax.pad(term, jnp.zeros((), x.dtype), pads)
-        total = term if total is None else total + term
-    return _materialized(total) if buffered and groups > 1 else total
+        for i in range(cig):
+            w = weights[:, i].reshape(weights.shape[0], weights.shape[2], *trailing)
+            terms.append(lax.slice_in_dim(xsg, i, i + 1, axis=c + 1) * w)
+    y = _merge_channels(functools.reduce(jnp.add, terms), layout)
+    return _materialized(y) if buffered and groups > 1 else y
 
 
 # XLA:CPU's convolution is slow when it has few output channels, as the input gradient of a conv
@@ -801,20 +770,19 @@ def _sum_pool_grad(dy, input_spatial, window, strides, padding, layout: Layout):
 def _max_pool_argmax(x, window, strides, padding, dilation, layout: Layout):
     """Window maxima of the ``-inf``-padded ``x`` and each window's "max id": the scan-order
     index of the first tap holding the maximum."""
-    out = _output_spatial(layout.spatial(x.shape), window, strides, padding, dilation)
-    lowest = jnp.asarray(_lowest(x.dtype), x.dtype)
-    taps = []  # what each tap reads, padded with -inf (a tap that reads only padding: all -inf)
-    for tap in _taps(window):
-        read = _tap_read(x, tap, out, strides, padding, dilation, layout)
-        full = jnp.full(layout.shape(x.shape[0], out, layout.channels(x.shape)), lowest)
-        taps.append(full if read is None else lax.pad(read[0], lowest, read[1]))
-    best, index = taps[0], jnp.zeros(taps[0].shape, np.min_scalar_type(len(taps) - 1))
-    for t, xs in enumerate(taps[1:], 1):
-        # strictly greater: a tie keeps the earlier tap; a NaN wins and stays, as in lax.max
-        later = (xs > best) | (xs != xs)
-        index = jnp.where(later, jnp.asarray(t, index.dtype), index)
-        best = jnp.where(later, xs, best)
-    return _materialized((best, index))
+    taps = _tap_slices(_pad_spatial(x, padding, _lowest(x.dtype), layout), window, strides, dilation, layout)
+
+    def fold(lo: int, hi: int):
+        part = [lax.slice_in_dim(xs, lo, hi, axis=-1) for xs in taps]
+        best, index = part[0], jnp.zeros(part[0].shape, np.min_scalar_type(len(part) - 1))
+        for t, xs in enumerate(part[1:], 1):
+            # strictly greater: a tie keeps the earlier tap; a NaN wins and stays, as in lax.max
+            later = (xs > best) | (xs != xs)
+            index = jnp.where(later, jnp.asarray(t, index.dtype), index)
+            best = jnp.where(later, xs, best)
+        return best, index
+
+    return _in_halves(fold, taps[0].shape[-1])
 
 
 def _max_pool_grad(index, dy, input_spatial, window, strides, padding, dilation, layout: Layout):
