@@ -253,7 +253,7 @@ def _overlap_add(parts, size, window, strides, dilation, layout: Layout):
 # memory passes glibc's 32 MiB mmap threshold and is page-faulted in afresh on every call
 # (8x14x14x512 depthwise conv forward+backward: 34 MiB scratch, 8,400 faults, 10 ms). Written
 # instead as an elementwise sum of a few slabs of the product (along the leading summed axes,
-# ``_materialized``), it is one loop that reads the operands once and writes a sixteenth of the
+# built ``_in_halves``), it is one loop that reads the operands once and writes a sixteenth of the
 # product, and only that is reduced (the same layer: 6 MiB, no faults, 2 ms).
 _SLAB_TERMS = 16
 _SLAB_MIN_SIZE = 1 << 16
@@ -263,7 +263,7 @@ def _sum_all_but(block, shape, keep):
     """Sum over every axis not in ``keep`` (kept in order) of an array of ``shape`` given by its
     blocks: ``block(start, limit)`` is its part ``[start, limit)``. First the elementwise sum of up
     to ``_SLAB_TERMS`` slabs along the leading summed axes (the first two that are not the minor
-    axis; a short last slab is padded with zeros), ``_materialized``; then a reduction of that."""
+    axis; a short last slab is padded with zeros), built ``_in_halves``; then a reduction of that."""
     summed = tuple(i for i in range(len(shape)) if i not in keep)
     counts, left = {}, _SLAB_TERMS
     for axis in [i for i in summed if i < len(shape) - 1][:2]:
@@ -272,18 +272,23 @@ def _sum_all_but(block, shape, keep):
     if math.prod(shape) < _SLAB_MIN_SIZE or math.prod(counts.values()) == 1:
         return jnp.sum(block([0] * len(shape), list(shape)), axis=summed)
     sizes = {axis: -(-shape[axis] // k) for axis, k in counts.items()}
-    terms = []
-    for index in itertools.product(*map(range, counts.values())):
-        start, limit, pads = [0] * len(shape), list(shape), [(0, 0, 0)] * len(shape)
-        for (axis, size), j in zip(sizes.items(), index, strict=True):
-            start[axis], limit[axis] = j * size, min((j + 1) * size, shape[axis])
-            pads[axis] = (0, size - (limit[axis] - start[axis]), 0)
-        if all(lo < hi for lo, hi in zip(start, limit, strict=True)):
-            term = block(start, limit)
-            terms.append(lax.pad(term, jnp.zeros((), term.dtype), pads) if any(map(any, pads)) else term)
-    while len(terms) > 1:  # a balanced tree of adds
-        terms = [functools.reduce(jnp.add, terms[i : i + 2]) for i in range(0, len(terms), 2)]
-    return jnp.sum(_materialized(terms[0]), axis=summed)
+
+    def slab_sum(lo: int, hi: int):
+        """The sum of the slabs over ``lo:hi`` of the minor axis."""
+        terms = []
+        for index in itertools.product(*map(range, counts.values())):
+            start, limit, pads = [0] * len(shape), list(shape), [(0, 0, 0)] * len(shape)
+            for (axis, size), j in zip(sizes.items(), index, strict=True):
+                start[axis], limit[axis] = j * size, min((j + 1) * size, shape[axis])
+                pads[axis] = (0, size - (limit[axis] - start[axis]), 0)
+            if all(b < e for b, e in zip(start, limit, strict=True)):
+                term = lax.slice_in_dim(block(start, limit), lo, hi, axis=-1)
+                terms.append(lax.pad(term, jnp.zeros((), term.dtype), pads) if any(map(any, pads)) else term)
+        while len(terms) > 1:  # a balanced tree of adds
+            terms = [functools.reduce(jnp.add, terms[i : i + 2]) for i in range(0, len(terms), 2)]
+        return terms[0]
+
+    return jnp.sum(_in_halves(slab_sum, shape[-1]), axis=summed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,27 +356,13 @@ def _correlate(x, kernel, strides, padding, dilation, groups, layout: Layout, pr
 
 # XLA:CPU fuses elementwise work into every consumer, however much of it there is: per-tap
 # products or an arg-max fold fused into a reduction (a batch norm's statistics, a loss) run in its
-# serial reduction loop (8x112x112x32 depthwise conv then a sum of squares: 101 ms against 1.7 ms),
+# serial reduction loop (8x112x112x32 depthwise conv then a sum of squares: about 100 ms against 2-3 ms),
 # and fused into several consumers run once per consumer (max pool 3x3/2 forward+backward on
-# 8x112x112x64: 43 ms against 28 ms). An in-place dynamic update slice needs its operand in a
-# buffer and is not fused into reductions, so rewriting one element of a result with itself has
-# XLA compute the result once, into memory, for a one-element copy. (XLA may still fuse the update
-# into an elementwise consumer, as a select: LeNet-5's first conv, then a sigmoid, is 1.5x slower
-# in a training step that way, so ungrouped convs skip it; see ``_unrolled_correlate``.)
-def _materialized(a):
-    """``a`` (an array or a tuple of arrays), computed into a buffer of its own by XLA."""
-
-    def rewrite_first(v):
-        if v.size == 0:
-            return v
-        return lax.dynamic_update_slice(v, lax.slice(v, (0,) * v.ndim, (1,) * v.ndim), (0,) * v.ndim)
-
-    return jax.tree.map(rewrite_first, a)
-
-
-# A result with two outputs (max pooling's maxima and arg-maxes) is computed in two halves joined
-# along the minor axis instead: XLA does not fuse such a concatenate into its consumers, and the
-# halves were 5-25% faster than ``_materialized`` there (max pool 3x3/2 on 8x112x112x64).
+# 8x112x112x64: 34 ms against 12 ms). It does not fuse a concatenate along the minor axis into its
+# consumers (it copies memory), so results built in two halves joined by one get buffers of their
+# own. (Rewriting one element of a result with itself, an in-place dynamic update slice, also
+# keeps it out of reductions, but XLA fuses that into elementwise consumers as a select, and the
+# halves were as fast or faster in every case measured.)
 def _in_halves(fn, size: int):
     """``fn(lo, hi)`` (an array or a tuple of arrays) over ``0:size/2`` and ``size/2:size`` of the
     minor (last) axis, joined along it; ``fn(0, size)`` if ``size < 2``."""
@@ -382,30 +373,37 @@ def _in_halves(fn, size: int):
 
 def _unrolled_correlate(x, kernel, strides, padding, dilation, groups, layout: Layout, buffered: bool = True):
     """``Y[x] = sum_{a, i} X_pad[x*s + a*d, i] K[a, i]`` within each group: one product per tap
-    ``a`` and input channel ``i`` of the group, broadcast over the group's output channels.
-
-    Grouped results are ``_materialized`` unless ``buffered=False``: models follow them with a
-    batch norm, whose reductions would otherwise recompute the products (ResNeXt-style block, 32
-    groups of 4, forward+backward: 40 -> 12 ms); ungrouped ones (LeNet-5's first layer, then a
-    sigmoid) are faster fused (14 -> 11.5 ms). The taps read a padded copy of ``X``: reading only
-    the part of ``X`` each tap meets and padding each tap's sum instead saves the copy, but XLA
-    then writes every padded sum out when an elementwise op (a bias, a ReLU's derivative) follows
-    (8x112x112x32 depthwise conv + bias: 34 ms against 1.4 ms)."""
+    ``a`` and input channel ``i`` of the group, broadcast over the group's output channels; built
+    ``_in_halves`` unless ``buffered=False``."""
     window = _kernel_window(kernel.shape, layout)
-    cig = kernel.shape[layout.kernel_in_axis]
+    cig, cog = kernel.shape[layout.kernel_in_axis], kernel.shape[layout.kernel_out_axis] // groups
     taps = _kernel_to_groups(kernel, groups, layout)  # (*window, G, C_in/G, C_out/G)
     c = layout.channel_axis
     trailing = (1,) * (x.ndim - 1 - c)  # the weights broadcast over the axes after the channels
-    xp = _pad_spatial(x, padding, 0, layout)
-    terms = []
-    for tap, xs in zip(_taps(window), _tap_slices(xp, window, strides, dilation, layout), strict=True):
-        xsg = _split_channels(xs, groups, layout)[0]  # (.., G, C_in/G, ..)
-        weights = taps[tap]  # (G, C_in/G, C_out/G)
-        for i in range(cig):
-            w = weights[:, i].reshape(weights.shape[0], weights.shape[2], *trailing)
-            terms.append(lax.slice_in_dim(xsg, i, i + 1, axis=c + 1) * w)
-    y = _merge_channels(functools.reduce(jnp.add, terms), layout)
-    return _materialized(y) if buffered and groups > 1 else y
+    slices = [
+        _split_channels(xs, groups, layout)[0]  # (.., G, C_in/G, ..)
+        for xs in _tap_slices(_pad_spatial(x, padding, 0, layout), window, strides, dilation, layout)
+    ]
+
+    def products(lo: int, hi: int):
+        """The outputs ``lo:hi`` along the split axis: the groups, or the one group's output
+        channels, if channels-last; else the last spatial axis."""
+        terms = []
+        for tap, xsg in zip(_taps(window), slices, strict=True):
+            weights = taps[tap]  # (G, C_in/G, C_out/G)
+            if not layout.channels_last:
+                xsg = lax.slice_in_dim(xsg, lo, hi, axis=-1)
+            elif groups > 1:
+                xsg, weights = lax.slice_in_dim(xsg, lo, hi, axis=c), weights[lo:hi]
+            else:
+                weights = weights[..., lo:hi]
+            for i in range(cig):
+                w = weights[:, i].reshape(weights.shape[0], weights.shape[2], *trailing)
+                terms.append(lax.slice_in_dim(xsg, i, i + 1, axis=c + 1) * w)
+        return _merge_channels(functools.reduce(jnp.add, terms), layout)
+
+    minor = slices[0].shape[-1] if not layout.channels_last else groups if groups > 1 else cog
+    return _in_halves(products, minor) if buffered else products(0, minor)
 
 
 # XLA:CPU's convolution is slow when it has few output channels, as the input gradient of a conv
