@@ -15,7 +15,7 @@ against ``auto``.
 
 Run (from the repository root, on an otherwise idle machine):
 
-    python experiments/bench_backprop.py                 # full table, about 3 minutes on 2 cores
+    python experiments/bench_backprop.py                 # full table, about 2 minutes on 2 cores
     python experiments/bench_backprop.py --quick         # smaller batches, 3 rounds
     python experiments/bench_backprop.py --only conv --json /tmp/bench.json
 """
