@@ -236,6 +236,47 @@ def test_conv_input_grad_with_few_input_channels_equals_autodiff(layout, cin, st
     assert_close(conv_input_grad(dy, kernel, x.shape, **geometry), vjp(dy)[0])
 
 
+# A padded per-tap conv is its interior (slices of x) padded with zeros, with each border strip
+# correlated from its own few padded input rows and written over that; without padding, or with
+# no interior, it is one sum over a padded copy. Every form equals XLA's convolution.
+@pytest.mark.parametrize("layout", ["NWC", "NCW", "NHWC", "NCHW", "NDHWC", "NCDHW"])
+@pytest.mark.parametrize(
+    "groups, cig, cog, strides, padding, dilation",
+    [
+        (4, 1, 1, 1, ((1, 1),), 1),  # depthwise "same"
+        (4, 1, 2, 2, ((2, 1),), 1),  # channel multiplier, stride, uneven padding
+        (2, 2, 1, 1, ((3, 0),), 2),  # two channels per group, dilation, one-sided padding
+        (1, 1, 3, 2, ((1, 2),), 1),  # one input channel (LeNet's first layer)
+        (3, 1, 1, 1, ((-1, 2),), 1),  # a crop on one side, padding on the other
+        (3, 1, 1, 1, ((0, 0),), 1),  # no border: built in halves
+        (3, 1, 1, 1, ((4, 4),), 5),  # no interior: the dilated window is wider than x
+    ],
+)
+def test_unrolled_correlate_equals_xla(layout, groups, cig, cog, strides, padding, dilation):
+    rank = len(layout) - 2
+    lay = Layout(layout.endswith("C"), rank)
+    rng = np.random.default_rng(groups * cig * cog + rank)
+    x = jnp.asarray(rng.normal(size=lay.shape(2, (9, 8, 7)[:rank], groups * cig)), jnp.float32)
+    window = (3, 2, 3)[:rank]
+    kshape = (*window, cig, groups * cog) if lay.channels_last else (groups * cog, cig, *window)
+    kernel = jnp.asarray(rng.normal(size=kshape), jnp.float32)
+    geometry = ((strides,) * rank, padding * rank, (dilation,) * rank, groups, lay)
+    expected = lax.conv_general_dilated(
+        x,
+        kernel,
+        geometry[0],
+        geometry[1],
+        rhs_dilation=geometry[2],
+        dimension_numbers=lay.dimension_numbers,
+        feature_group_count=groups,
+        precision="highest",
+    )
+    for buffered in (True, False):
+        assert_close(
+            jax.jit(lambda x, k, b=buffered: backprop._unrolled_correlate(x, k, *geometry, b))(x, kernel), expected
+        )
+
+
 def test_conv_bias_grad_in_slabs():
     dy = jnp.asarray(np.random.default_rng(0).normal(size=(5, 33, 35, 16)), jnp.float32)
     assert_close(conv_bias_grad(dy), np.asarray(dy, np.float64).sum(axis=(0, 1, 2)), rtol=1e-4)
