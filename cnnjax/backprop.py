@@ -440,6 +440,9 @@ def _unrolled_correlate(x, kernel, strides, padding, dilation, groups, layout: L
             layout.spatial_axes, ranges, x_spatial, window, strides, dilation, padding, strict=True
         ):
             start, end = first * s - lo, (last - 1) * s + (k - 1) * d - lo + 1
+            if max(0, start) >= min(n, end):  # the strip reads only padding
+                shape = layout.shape(x.shape[0], [b - a for a, b in ranges], groups * taps.shape[-1])
+                return jnp.zeros(shape, jnp.result_type(x, taps))
             xr = lax.slice_in_dim(xr, max(0, start), min(n, end), axis=axis)
             pads.append((max(0, -start), max(0, end - n)))
         return _tap_products(_pad_spatial(xr, pads, 0, layout) if any(map(any, pads)) else xr, taps, *geometry)

@@ -250,6 +250,7 @@ def test_conv_input_grad_with_few_input_channels_equals_autodiff(layout, cin, st
         (3, 1, 1, 1, ((-1, 2),), 1),  # a crop on one side, padding on the other
         (3, 1, 1, 1, ((0, 0),), 1),  # no border: built in halves
         (3, 1, 1, 1, ((4, 4),), 5),  # no interior: the dilated window is wider than x
+        (3, 1, 1, 3, ((0, 3),), 1),  # a border strip that reads only padding
     ],
 )
 def test_unrolled_correlate_equals_xla(layout, groups, cig, cog, strides, padding, dilation):
