@@ -445,7 +445,7 @@ def _unrolled_correlate(x, kernel, strides, padding, dilation, groups, layout: L
                 return jnp.zeros(shape, jnp.result_type(x, taps))
             xr = lax.slice_in_dim(xr, max(0, start), min(n, end), axis=axis)
             pads.append((max(0, -start), max(0, end - n)))
-        return _tap_products(_pad_spatial(xr, pads, 0, layout) if any(map(any, pads)) else xr, taps, *geometry)
+        return _tap_products(_pad_spatial(xr, pads, 0, layout), taps, *geometry)
 
     y = _pad_spatial(region(inner), [(first, o - last) for (first, last), o in zip(inner, out, strict=True)], 0, layout)
     for i in range(len(out)):  # border strips: inside on the axes before i, outside on axis i
