@@ -18,6 +18,14 @@ Run (from the repository root, on an otherwise idle machine):
     python experiments/bench_backprop.py                 # full table, about 2 minutes on 2 cores
     python experiments/bench_backprop.py --quick         # smaller batches, 3 rounds
     python experiments/bench_backprop.py --only conv --json /tmp/bench.json
+    python experiments/bench_backprop.py --parts         # conv layers: forward, input and kernel gradient apart
+
+``--parts`` times, for every conv layer of the table, the three pieces of its forward+backward one at a
+time, each jitted alone: the closed-form forward (``cnnjax.conv(..., vjp="closed_form")``), input
+gradient (``cnnjax.backprop.conv_input_grad``) and kernel gradient (``conv_kernel_grad``), the functions
+``vjp="closed_form"`` runs, against PyTorch's forward (under ``no_grad``) and
+``torch.ops.aten.convolution_backward`` asked for one gradient at a time (NCHW). It shows which piece a
+gap to PyTorch is in.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ import jax
 import numpy as np
 from bench import Timer
 
-from cnnjax.backprop import resolve_vjp
+from cnnjax.backprop import conv_input_grad, conv_kernel_grad, resolve_vjp
 from cnnjax.convolution import conv
 from cnnjax.pooling import avg_pool, max_pool
 
@@ -176,6 +184,59 @@ def bench_case(case: Case, timer: Timer, with_torch: bool) -> dict:
     return {"model": case.model, "layer": case.label, **ms, "auto": ms[auto], "auto_is": auto}
 
 
+PARTS = ("forward", "input_grad", "kernel_grad")
+
+
+def jax_parts(case: Case, inputs) -> dict:
+    """Zero-argument jitted steps, blocked on, for the closed-form forward and each gradient of a conv case."""
+    x, kernel = inputs
+    geometry = {"strides": case.strides, "padding": case.padding, "feature_group_count": case.groups}
+    forward = jax.jit(lambda x, kernel: conv(x, kernel, **geometry, vjp="closed_form"))
+    dy = jax.random.normal(jax.random.key(2), jax.eval_shape(forward, x, kernel).shape)
+    input_grad = jax.jit(lambda dy, kernel: conv_input_grad(dy, kernel, x.shape, **geometry))
+    kernel_grad = jax.jit(lambda x, dy: conv_kernel_grad(x, dy, kernel.shape, **geometry))
+    return {
+        "forward": lambda: jax.block_until_ready(forward(x, kernel)),
+        "input_grad": lambda: jax.block_until_ready(input_grad(dy, kernel)),
+        "kernel_grad": lambda: jax.block_until_ready(kernel_grad(x, dy)),
+    }
+
+
+def torch_parts(case: Case) -> dict:
+    """PyTorch's forward (no autograd graph) and ``aten.convolution_backward`` for one gradient at a time."""
+    import torch
+
+    x = torch.randn(case.batch, case.channels, case.size, case.size)
+    weight = torch.randn(case.features, case.channels // case.groups, case.window, case.window)
+    geometry = {"stride": case.strides, "padding": case.padding, "groups": case.groups}
+    with torch.no_grad():
+        dy = torch.randn_like(torch.nn.functional.conv2d(x, weight, **geometry))
+
+    def forward():
+        with torch.no_grad():
+            torch.nn.functional.conv2d(x, weight, **geometry)
+
+    def backward(mask):
+        strides, padding = [case.strides] * 2, [case.padding] * 2
+        args = (dy, x, weight, None, strides, padding, [1, 1], False, [0, 0], case.groups, mask)
+        return lambda: torch.ops.aten.convolution_backward(*args)
+
+    return {
+        "forward": forward,
+        "input_grad": backward([True, False, False]),
+        "kernel_grad": backward([False, True, False]),
+    }
+
+
+def bench_parts(case: Case, timer: Timer, with_torch: bool) -> dict:
+    """Milliseconds of each piece of a conv case, cnnjax and PyTorch timed in one round-robin."""
+    steps = {f"cnnjax {part}": step for part, step in jax_parts(case, jax_inputs(case)).items()}
+    if with_torch:
+        steps |= {f"torch {part}": step for part, step in torch_parts(case).items()}
+    warm_up(steps)
+    return {"model": case.model, "layer": case.label, **timer.median_ms(steps)}
+
+
 def smaller(case: Case) -> Case:
     """The ``--quick`` variant: a quarter of the batch (at least 1)."""
     return dataclasses.replace(case, batch=max(1, case.batch // 4))
@@ -203,6 +264,21 @@ def markdown(rows: list[dict], with_torch: bool) -> str:
     return "\n".join(lines)
 
 
+def parts_markdown(rows: list[dict], with_torch: bool) -> str:
+    head = ["model", "layer (NHWC)"]
+    for part in PARTS:
+        head += [f"{part} ms"] + ([f"torch {part} ms", "ratio"] if with_torch else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["model"], r["layer"]]
+        for part in PARTS:
+            cells.append(f"{r[f'cnnjax {part}']:.2f}")
+            if with_torch:
+                cells += [f"{r[f'torch {part}']:.2f}", ratio(r[f"cnnjax {part}"], r[f"torch {part}"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a quarter of the batch and 3 rounds")
@@ -210,6 +286,7 @@ def main(argv=None) -> None:
     parser.add_argument("--min-sample-ms", type=float, default=20.0, help="shortest timed sample (back-to-back calls)")
     parser.add_argument("--only", default="", help="run only layers whose op or model contains this text")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch columns")
+    parser.add_argument("--parts", action="store_true", help="conv layers only: time forward and each gradient apart")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     rounds = args.rounds or (3 if args.quick else 7)
@@ -220,23 +297,21 @@ def main(argv=None) -> None:
 
         torch.set_num_threads(threads)
         torch.manual_seed(0)
-    cases = [c for c in CASES if args.only in f"{c.model} {c.op}"]
+    cases = [c for c in CASES if args.only in f"{c.model} {c.op}" and (c.op == "conv" or not args.parts)]
     if args.quick:
         cases = [smaller(c) for c in cases]
     versions = f"jax {jax.__version__} ({jax.default_backend()}), numpy {np.__version__}"
     if with_torch:
         versions += f", torch {torch.__version__}"
     print(f"{versions}; {threads} threads; float32; median of {rounds} round-robin rounds", flush=True)
+    measure, table = (bench_parts, parts_markdown) if args.parts else (bench_case, markdown)
     rows = []
     for case in cases:
-        rows.append(bench_case(case, Timer(rounds, args.min_sample_ms / 1e3), with_torch))
-        print(
-            f"  {case.model:20s} {case.label:45s} "
-            + " ".join(f"{k}={rows[-1][k]:.1f}" for k in ("xla", "closed_form", "torch", "torch_cl") if k in rows[-1]),
-            flush=True,
-        )
+        rows.append(measure(case, Timer(rounds, args.min_sample_ms / 1e3), with_torch))
+        times = {k: v for k, v in rows[-1].items() if isinstance(v, float) and k != "auto"}
+        print(f"  {case.model:20s} {case.label:45s} " + " ".join(f"{k}={v:.2f}" for k, v in times.items()), flush=True)
     print()
-    print(markdown(rows, with_torch))
+    print(table(rows, with_torch))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"versions": versions, "threads": threads, "rounds": rounds, "rows": rows}, f, indent=1)
