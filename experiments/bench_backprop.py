@@ -191,7 +191,7 @@ def jax_parts(case: Case, inputs) -> dict:
     """Zero-argument jitted steps, blocked on, for the closed-form forward and each gradient of a conv case."""
     x, kernel = inputs
     geometry = {"strides": case.strides, "padding": case.padding, "feature_group_count": case.groups}
-    forward = jax.jit(lambda x, kernel: conv(x, kernel, **geometry, vjp="closed_form"))
+    forward = jax.jit(jax_forward(case, "closed_form"))
     dy = jax.random.normal(jax.random.key(2), jax.eval_shape(forward, x, kernel).shape)
     input_grad = jax.jit(lambda dy, kernel: conv_input_grad(dy, kernel, x.shape, **geometry))
     kernel_grad = jax.jit(lambda x, dy: conv_kernel_grad(x, dy, kernel.shape, **geometry))
