@@ -15,6 +15,7 @@ import numpy as np
 
 from cnnjax.shapes import PADDING_STRINGS, check_positive, resolve_padding
 
+IMPLS = ("auto", "closed_form", "lax")
 _SPATIAL_LETTERS = {1: "W", 2: "HW", 3: "DHW"}
 _NAMED_LAYOUTS = {
     "NWC": (True, 1),
@@ -156,3 +157,10 @@ def require_float(x, op: str, arg: str = "x") -> None:
     dtype = jnp.result_type(x)
     if not jnp.issubdtype(dtype, jnp.inexact):
         raise TypeError(f"{op}: {arg} must be floating point, got dtype {np.dtype(dtype).name}")
+
+
+def check_impl(impl, op: str) -> str:
+    """Return ``impl`` if it is one of ``IMPLS`` (see ``cnnjax.backprop``); else raise ``ValueError``."""
+    if not isinstance(impl, str) or impl not in IMPLS:
+        raise ValueError(f"{op}: impl={impl!r} is not one of {IMPLS}")
+    return impl

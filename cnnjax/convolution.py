@@ -168,7 +168,7 @@ def conv(
     padding_mode="zeros",
     layout="NHWC",
     precision=None,
-    vjp="auto",
+    impl="auto",
 ):
     """N-D cross-correlation (a conv layer's forward pass), 1 to 3 spatial dims.
 
@@ -216,7 +216,7 @@ def conv(
     kernel_dilation = canonicalize_tuple(kernel_dilation, rank, "kernel_dilation", op)
     input_dilation = canonicalize_tuple(input_dilation, rank, "input_dilation", op)
     _check_padding_mode(op, padding_mode)
-    method = backprop.resolve_vjp(vjp, op)
+    method = backprop.resolve_vjp({"lax": "xla"}.get(impl, impl), op)
     window = _window(kernel, layout)
     sizes = tuple((n - 1) * d + 1 for n, d in zip(layout.spatial(x.shape), input_dilation, strict=True))
     pairs = padding_pairs(canonicalize_padding(padding, rank, op), sizes, window, strides, kernel_dilation, op)
@@ -355,7 +355,7 @@ def conv_transpose(
     feature_group_count=1,
     layout="NHWC",
     precision=None,
-    vjp="auto",
+    impl="auto",
 ):
     """Transposed convolution: the exact adjoint of ``conv`` with the same kernel and geometry.
 
@@ -406,7 +406,7 @@ def conv_transpose(
     kernel_dilation = canonicalize_tuple(kernel_dilation, rank, "kernel_dilation", op)
     output_padding = canonicalize_tuple(output_padding, rank, "output_padding", op, minimum=0)
     padding = canonicalize_padding(padding, rank, op)
-    method = backprop.resolve_vjp(vjp, op)
+    method = backprop.resolve_vjp({"lax": "xla"}.get(impl, impl), op)
     window = _window(kernel, layout)
     sizes = layout.spatial(x.shape)
     forward_sizes = tuple(n * s for n, s in zip(sizes, strides, strict=True))
@@ -578,6 +578,7 @@ def depthwise_conv(
     padding_mode="zeros",
     layout="NHWC",
     precision=None,
+    impl="auto",
 ):
     """Depthwise conv: each input channel correlated with its own ``multiplier`` filters (notes 002).
 
@@ -614,6 +615,7 @@ def depthwise_conv(
         padding_mode=padding_mode,
         layout=layout.lhs,
         precision=precision,
+        impl=impl,
     )
 
 
@@ -629,6 +631,7 @@ def separable_conv(
     padding_mode="zeros",
     layout="NHWC",
     precision=None,
+    impl="auto",
 ):
     """Depthwise-separable conv (notes 002, Keras's ``SeparableConv``): depthwise, then 1x1.
 
@@ -672,6 +675,7 @@ def separable_conv(
         padding_mode=padding_mode,
         layout=layout.lhs,
         precision=precision,
+        impl=impl,
     )
     return conv(y, pointwise_kernel, bias, layout=layout.lhs, precision=precision)
 
@@ -693,6 +697,7 @@ def spatially_separable_conv(
     feature_group_count=1,
     layout="NHWC",
     precision=None,
+    impl="auto",
 ):
     """Spatially separable 2-D conv (notes 002): a ``kh x 1`` conv, then a ``1 x kw`` conv.
 

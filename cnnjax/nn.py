@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn.dtypes import promote_dtype
 
+from cnnjax._canon import check_impl
 from cnnjax.convolution import conv, conv_transpose, depthwise_conv, separable_conv
 from cnnjax.pooling import (
     adaptive_avg_pool,
@@ -54,6 +55,7 @@ __all__ = [
     "MaxPool",
     "SeparableConv",
     "SpatialPyramidPool",
+    "set_impl",
 ]
 
 default_kernel_init = nnx.initializers.lecun_normal()
@@ -151,7 +153,7 @@ class Conv(nnx.Module):
         precision=None,
         kernel_init=default_kernel_init,
         bias_init=default_bias_init,
-        vjp: str = "auto",
+        impl: str = "auto",
         rngs: nnx.Rngs,
     ):
         op = "Conv"
@@ -164,7 +166,7 @@ class Conv(nnx.Module):
         self.strides, self.padding, self.padding_mode = strides, padding, padding_mode
         self.input_dilation, self.kernel_dilation = input_dilation, kernel_dilation
         self.use_bias, self.dtype, self.param_dtype = use_bias, dtype, param_dtype
-        self.precision, self.vjp = precision, vjp
+        self.precision, self.impl = precision, impl
 
     @_recorded
     def __call__(self, x):
@@ -180,7 +182,7 @@ class Conv(nnx.Module):
             feature_group_count=self.feature_group_count,
             padding_mode=self.padding_mode,
             precision=self.precision,
-            vjp=self.vjp,
+            impl=self.impl,
         )
 
 
@@ -225,7 +227,7 @@ class ConvTranspose(nnx.Module):
         precision=None,
         kernel_init=default_kernel_init,
         bias_init=default_bias_init,
-        vjp: str = "auto",
+        impl: str = "auto",
         rngs: nnx.Rngs,
     ):
         op = "ConvTranspose"
@@ -238,7 +240,7 @@ class ConvTranspose(nnx.Module):
         self.strides, self.padding, self.output_padding = strides, padding, output_padding
         self.kernel_dilation = kernel_dilation
         self.use_bias, self.dtype, self.param_dtype = use_bias, dtype, param_dtype
-        self.precision, self.vjp = precision, vjp
+        self.precision, self.impl = precision, impl
 
     @_recorded
     def __call__(self, x):
@@ -253,7 +255,7 @@ class ConvTranspose(nnx.Module):
             kernel_dilation=self.kernel_dilation,
             feature_group_count=self.feature_group_count,
             precision=self.precision,
-            vjp=self.vjp,
+            impl=self.impl,
         )
 
 
@@ -286,6 +288,7 @@ class DepthwiseConv(nnx.Module):
         precision=None,
         kernel_init=default_kernel_init,
         bias_init=default_bias_init,
+        impl: str = "auto",
         rngs: nnx.Rngs,
     ):
         op = "DepthwiseConv"
@@ -298,7 +301,7 @@ class DepthwiseConv(nnx.Module):
         self.bias = _bias(use_bias, bias_init, rngs, self.out_features, param_dtype)
         self.strides, self.padding, self.kernel_dilation = strides, padding, kernel_dilation
         self.padding_mode, self.use_bias, self.dtype = padding_mode, use_bias, dtype
-        self.param_dtype, self.precision = param_dtype, precision
+        self.param_dtype, self.precision, self.impl = param_dtype, precision, impl
 
     @_recorded
     def __call__(self, x):
@@ -312,6 +315,7 @@ class DepthwiseConv(nnx.Module):
             kernel_dilation=self.kernel_dilation,
             padding_mode=self.padding_mode,
             precision=self.precision,
+            impl=self.impl,
         )
 
 
@@ -347,6 +351,7 @@ class SeparableConv(nnx.Module):
         depthwise_init=default_kernel_init,
         pointwise_init=default_kernel_init,
         bias_init=default_bias_init,
+        impl: str = "auto",
         rngs: nnx.Rngs,
     ):
         op = "SeparableConv"
@@ -361,7 +366,7 @@ class SeparableConv(nnx.Module):
         self.bias = _bias(use_bias, bias_init, rngs, out_features, param_dtype)
         self.strides, self.padding, self.kernel_dilation = strides, padding, kernel_dilation
         self.padding_mode, self.use_bias, self.dtype = padding_mode, use_bias, dtype
-        self.param_dtype, self.precision = param_dtype, precision
+        self.param_dtype, self.precision, self.impl = param_dtype, precision, impl
 
     @_recorded
     def __call__(self, x):
@@ -376,6 +381,7 @@ class SeparableConv(nnx.Module):
             kernel_dilation=self.kernel_dilation,
             padding_mode=self.padding_mode,
             precision=self.precision,
+            impl=self.impl,
         )
 
 
@@ -399,10 +405,10 @@ class MaxPool(nnx.Module):
         *,
         window_dilation: int | Sequence[int] = 1,
         ceil_mode: bool = False,
-        vjp: str = "auto",
+        impl: str = "auto",
     ):
         self.window_shape, self.strides, self.padding = window_shape, strides, padding
-        self.window_dilation, self.ceil_mode, self.vjp = window_dilation, ceil_mode, vjp
+        self.window_dilation, self.ceil_mode, self.impl = window_dilation, ceil_mode, impl
 
     @_recorded
     def __call__(self, x):
@@ -413,7 +419,7 @@ class MaxPool(nnx.Module):
             self.padding,
             window_dilation=self.window_dilation,
             ceil_mode=self.ceil_mode,
-            vjp=self.vjp,
+            impl=self.impl,
         )
 
 
@@ -438,11 +444,11 @@ class AvgPool(nnx.Module):
         ceil_mode: bool = False,
         count_include_pad: bool = True,
         divisor_override: int | None = None,
-        vjp: str = "auto",
+        impl: str = "auto",
     ):
         self.window_shape, self.strides, self.padding = window_shape, strides, padding
         self.ceil_mode, self.count_include_pad, self.divisor_override = ceil_mode, count_include_pad, divisor_override
-        self.vjp = vjp
+        self.impl = impl
 
     @_recorded
     def __call__(self, x):
@@ -454,7 +460,7 @@ class AvgPool(nnx.Module):
             ceil_mode=self.ceil_mode,
             count_include_pad=self.count_include_pad,
             divisor_override=self.divisor_override,
-            vjp=self.vjp,
+            impl=self.impl,
         )
 
 
@@ -477,13 +483,16 @@ class LPPool(nnx.Module):
         padding="VALID",
         *,
         ceil_mode: bool = False,
+        impl: str = "auto",
     ):
         self.p, self.window_shape, self.strides, self.padding = p, window_shape, strides, padding
-        self.ceil_mode = ceil_mode
+        self.ceil_mode, self.impl = ceil_mode, impl
 
     @_recorded
     def __call__(self, x):
-        return lp_pool(x, self.p, self.window_shape, self.strides, self.padding, ceil_mode=self.ceil_mode)
+        return lp_pool(
+            x, self.p, self.window_shape, self.strides, self.padding, ceil_mode=self.ceil_mode, impl=self.impl
+        )
 
 
 class GlobalAvgPool(nnx.Module):
@@ -495,12 +504,12 @@ class GlobalAvgPool(nnx.Module):
     Array([[3., 4.]], dtype=float32)
     """
 
-    def __init__(self, keepdims: bool = False):
-        self.keepdims = keepdims
+    def __init__(self, keepdims: bool = False, *, impl: str = "auto"):
+        self.keepdims, self.impl = keepdims, impl
 
     @_recorded
     def __call__(self, x):
-        return global_avg_pool(x, keepdims=self.keepdims)
+        return global_avg_pool(x, keepdims=self.keepdims, impl=self.impl)
 
 
 class GlobalMaxPool(nnx.Module):
@@ -512,12 +521,12 @@ class GlobalMaxPool(nnx.Module):
     Array([[6., 7.]], dtype=float32)
     """
 
-    def __init__(self, keepdims: bool = False):
-        self.keepdims = keepdims
+    def __init__(self, keepdims: bool = False, *, impl: str = "auto"):
+        self.keepdims, self.impl = keepdims, impl
 
     @_recorded
     def __call__(self, x):
-        return global_max_pool(x, keepdims=self.keepdims)
+        return global_max_pool(x, keepdims=self.keepdims, impl=self.impl)
 
 
 class AdaptiveAvgPool(nnx.Module):
@@ -530,12 +539,12 @@ class AdaptiveAvgPool(nnx.Module):
     Array([[2.5, 4.5]], dtype=float32)
     """
 
-    def __init__(self, output_size: int | Sequence[int]):
-        self.output_size = output_size
+    def __init__(self, output_size: int | Sequence[int], *, impl: str = "auto"):
+        self.output_size, self.impl = output_size, impl
 
     @_recorded
     def __call__(self, x):
-        return adaptive_avg_pool(x, self.output_size)
+        return adaptive_avg_pool(x, self.output_size, impl=self.impl)
 
 
 class AdaptiveMaxPool(nnx.Module):
@@ -547,12 +556,12 @@ class AdaptiveMaxPool(nnx.Module):
     Array([[5., 7.]], dtype=float32)
     """
 
-    def __init__(self, output_size: int | Sequence[int]):
-        self.output_size = output_size
+    def __init__(self, output_size: int | Sequence[int], *, impl: str = "auto"):
+        self.output_size, self.impl = output_size, impl
 
     @_recorded
     def __call__(self, x):
-        return adaptive_max_pool(x, self.output_size)
+        return adaptive_max_pool(x, self.output_size, impl=self.impl)
 
 
 class SpatialPyramidPool(nnx.Module):
@@ -566,9 +575,43 @@ class SpatialPyramidPool(nnx.Module):
     (2, 15)
     """
 
-    def __init__(self, levels: Sequence[int] = (1, 2, 4), mode: str = "max"):
-        self.levels, self.mode = levels, mode
+    def __init__(self, levels: Sequence[int] = (1, 2, 4), mode: str = "max", *, impl: str = "auto"):
+        self.levels, self.mode, self.impl = levels, mode, impl
 
     @_recorded
     def __call__(self, x):
-        return spatial_pyramid_pool(x, self.levels, self.mode)
+        return spatial_pyramid_pool(x, self.levels, self.mode, impl=self.impl)
+
+
+def set_impl(module: nnx.Module, impl: str) -> nnx.Module:
+    """Make every cnnjax layer inside ``module`` (``module`` included) compute with ``impl``.
+
+    ``impl`` is ``"auto"``, ``"closed_form"`` or ``"lax"`` (:mod:`cnnjax.backprop` says what each
+    means). The zoo models call this with their own ``impl`` argument, so one flag reaches every
+    layer; it also switches an existing model. Returns ``module``, changed in place.
+
+    >>> block = nnx.Sequential(Conv(1, 2, (3, 3), rngs=nnx.Rngs(0)), MaxPool(2))
+    >>> [layer.impl for layer in set_impl(block, "lax").layers]
+    ['lax', 'lax']
+    """
+    impl = check_impl(impl, "set_impl")
+    for _, node in nnx.iter_graph(module):
+        if isinstance(node, _LAYERS):
+            node.impl = impl
+    return module
+
+
+_LAYERS = (
+    AdaptiveAvgPool,
+    AdaptiveMaxPool,
+    AvgPool,
+    Conv,
+    ConvTranspose,
+    DepthwiseConv,
+    GlobalAvgPool,
+    GlobalMaxPool,
+    LPPool,
+    MaxPool,
+    SeparableConv,
+    SpatialPyramidPool,
+)

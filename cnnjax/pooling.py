@@ -292,7 +292,7 @@ def max_pool(
     window_dilation=1,
     ceil_mode: bool = False,
     layout: str = "NHWC",
-    vjp: str = "auto",
+    impl: str = "auto",
 ):
     """Max over each window; PyTorch's ``max_pool1d/2d/3d`` in ``NCHW``.
 
@@ -315,11 +315,19 @@ def max_pool(
     x = jnp.asarray(x)
     _require_real(x, op)
     geometry = _pool_geometry(x, window_shape, strides, padding, window_dilation, ceil_mode, layout, op)
-    return _windowed("max", x, vjp, op, geometry)
+    return _windowed("max", x, {"lax": "xla"}.get(impl, impl), op, geometry)
 
 
 def min_pool(
-    x, window_shape, strides=None, padding="VALID", *, window_dilation=1, ceil_mode: bool = False, layout="NHWC"
+    x,
+    window_shape,
+    strides=None,
+    padding="VALID",
+    *,
+    window_dilation=1,
+    ceil_mode: bool = False,
+    layout="NHWC",
+    impl: str = "auto",
 ):
     """Min over each window; geometry exactly as :func:`max_pool`.
 
@@ -339,7 +347,15 @@ def min_pool(
 
 
 def sum_pool(
-    x, window_shape, strides=None, padding="VALID", *, window_dilation=1, ceil_mode: bool = False, layout="NHWC"
+    x,
+    window_shape,
+    strides=None,
+    padding="VALID",
+    *,
+    window_dilation=1,
+    ceil_mode: bool = False,
+    layout="NHWC",
+    impl: str = "auto",
 ):
     """Sum over each window, padding with zeros; geometry exactly as :func:`max_pool`.
 
@@ -367,7 +383,7 @@ def avg_pool(
     count_include_pad: bool = True,
     divisor_override: int | None = None,
     layout: str = "NHWC",
-    vjp: str = "auto",
+    impl: str = "auto",
 ):
     """Mean over each window, exactly PyTorch's ``avg_pool1d/2d/3d`` in ``NCHW``.
 
@@ -388,10 +404,20 @@ def avg_pool(
     if divisor_override is not None:
         divisor_override = check_positive(divisor_override, "divisor_override", op)
     geometry = _pool_geometry(x, window_shape, strides, padding, 1, ceil_mode, layout, op)
-    return _average(x, geometry, bool(count_include_pad), divisor_override, vjp, op)
+    return _average(x, geometry, bool(count_include_pad), divisor_override, {"lax": "xla"}.get(impl, impl), op)
 
 
-def lp_pool(x, p, window_shape, strides=None, padding="VALID", *, ceil_mode: bool = False, layout: str = "NHWC"):
+def lp_pool(
+    x,
+    p,
+    window_shape,
+    strides=None,
+    padding="VALID",
+    *,
+    ceil_mode: bool = False,
+    layout: str = "NHWC",
+    impl: str = "auto",
+):
     """Power-average pooling ``(sum_window x**p) ** (1/p)``, exactly PyTorch's ``lp_pool1d/2d/3d``.
 
     ``x: (N, *spatial, C)`` float -> ``(N, *out, C)``, ``out`` as :func:`max_pool` (PyTorch's
@@ -431,7 +457,7 @@ def _whole_window(x, layout, op) -> _PoolGeometry:
     return _PoolGeometry(layout, sizes, sizes, sizes, ones, ((0, 0),) * layout.spatial_rank, ones)
 
 
-def global_max_pool(x, keepdims: bool = False, layout: str = "NHWC"):
+def global_max_pool(x, keepdims: bool = False, layout: str = "NHWC", *, impl: str = "auto"):
     """Max over all spatial positions of each channel.
 
     ``x: (N, *spatial, C)`` -> ``(N, C)``, or ``(N, 1, ..., 1, C)`` with ``keepdims``. Equals
@@ -448,7 +474,7 @@ def global_max_pool(x, keepdims: bool = False, layout: str = "NHWC"):
     return y if keepdims else jnp.squeeze(y, geometry.layout.spatial_axes)
 
 
-def global_avg_pool(x, keepdims: bool = False, layout: str = "NHWC"):
+def global_avg_pool(x, keepdims: bool = False, layout: str = "NHWC", *, impl: str = "auto"):
     """Mean over all spatial positions of each channel (notes 002: a ``7x7x1000`` map -> ``1x1x1000``).
 
     ``x: (N, *spatial, C)`` float -> ``(N, C)``, or ``(N, 1, ..., 1, C)`` with ``keepdims``.
@@ -507,7 +533,7 @@ def _adaptive_pool(x, output_size, layout, take_max: bool, op: str):
     return x
 
 
-def adaptive_max_pool(x, output_size, layout: str = "NHWC"):
+def adaptive_max_pool(x, output_size, layout: str = "NHWC", *, impl: str = "auto"):
     """Max over PyTorch's adaptive bins; ``adaptive_max_pool1d/2d/3d`` in ``NCHW``.
 
     ``x: (N, *spatial, C)`` -> ``(N, *output_size, C)``. Along a dim of length ``L`` with
@@ -525,7 +551,7 @@ def adaptive_max_pool(x, output_size, layout: str = "NHWC"):
     return _adaptive_pool(x, output_size, layout, True, op)
 
 
-def adaptive_avg_pool(x, output_size, layout: str = "NHWC"):
+def adaptive_avg_pool(x, output_size, layout: str = "NHWC", *, impl: str = "auto"):
     """Mean over PyTorch's adaptive bins; ``adaptive_avg_pool1d/2d/3d`` in ``NCHW``.
 
     ``x: (N, *spatial, C)`` float -> ``(N, *output_size, C)``, bins as :func:`adaptive_max_pool`.
@@ -539,7 +565,7 @@ def adaptive_avg_pool(x, output_size, layout: str = "NHWC"):
     return _adaptive_pool(x, output_size, layout, False, op)
 
 
-def spatial_pyramid_pool(x, levels=(1, 2, 4), mode: str = "max", layout: str = "NHWC"):
+def spatial_pyramid_pool(x, levels=(1, 2, 4), mode: str = "max", layout: str = "NHWC", *, impl: str = "auto"):
     """Spatial pyramid pooling (notes 002, SPPNet: He et al. 2014, arXiv:1406.4729).
 
     ``x: (N, *spatial, C)`` -> ``(N, C * sum(l**rank for l in levels))``: for each level ``l``,
@@ -565,7 +591,15 @@ def spatial_pyramid_pool(x, levels=(1, 2, 4), mode: str = "max", layout: str = "
 
 
 def max_pool_with_indices(
-    x, window_shape, strides=None, padding="VALID", *, window_dilation=1, ceil_mode: bool = False, layout="NHWC"
+    x,
+    window_shape,
+    strides=None,
+    padding="VALID",
+    *,
+    window_dilation=1,
+    ceil_mode: bool = False,
+    layout="NHWC",
+    impl: str = "auto",
 ):
     """:func:`max_pool` plus where each maximum came from, as PyTorch's ``return_indices=True``.
 

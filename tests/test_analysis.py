@@ -312,10 +312,10 @@ def test_conv_flops_against_xla_cost_analysis(padding, bias, groups, stride):
     """XLA counts 2 FLOPs per multiply-add it performs plus 1 per bias add, and skips the taps that
     fall on zero padding; the notes count every tap and one add fewer per output without bias.
     So XLA = 2 * (MACs on real pixels) + bias adds: equal to 2 * MACs exactly for VALID padding.
-    ``vjp="xla"``: the forward is XLA's convolution (on CPU the closed-form path runs grouped convs
+    ``impl="lax"``: the forward is XLA's convolution (on CPU the closed-form path runs grouped convs
     as per-tap products, which XLA's cost model counts as elementwise work)."""
     shape = (1, 9, 9, 4)
-    options = {"padding": padding, "feature_group_count": groups, "vjp": "xla", "rngs": nnx.Rngs(0)}
+    options = {"padding": padding, "feature_group_count": groups, "impl": "lax", "rngs": nnx.Rngs(0)}
     model = nn.Conv(4, 6, (3, 3), stride, use_bias=bias, **options)
     s = summary(model, _abstract(shape))
     outputs = math.prod(s.rows[0].output_shape[1:])
@@ -328,8 +328,8 @@ def test_conv_flops_against_xla_cost_analysis(padding, bias, groups, stride):
 
 def test_model_flops_against_xla_cost_analysis():
     """A VALID, bias-free conv stack: XLA's total is exactly 2 * summary's MACs (XLA's convolutions:
-    ``vjp="xla"``, as above)."""
-    options = {"padding": "VALID", "use_bias": False, "vjp": "xla", "rngs": nnx.Rngs(0)}
+    ``impl="lax"``, as above)."""
+    options = {"padding": "VALID", "use_bias": False, "impl": "lax", "rngs": nnx.Rngs(0)}
     model = nnx.Sequential(
         nn.Conv(3, 8, (3, 3), **options),
         nn.Conv(8, 8, (3, 3), 2, feature_group_count=4, **options),

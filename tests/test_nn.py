@@ -243,12 +243,12 @@ def test_recorder_sees_every_layer_call_in_order_and_is_off_by_default():
     assert len(calls) == 3
 
 
-@pytest.mark.parametrize("vjp", ["xla", "closed_form"])
-def test_training_step_through_modules(vjp):
+@pytest.mark.parametrize("impl", ["lax", "closed_form"])
+def test_training_step_through_modules(impl):
     model = nnx.Sequential(
-        nn.Conv(1, 4, (3, 3), vjp=vjp, rngs=nnx.Rngs(0)),
-        nn.MaxPool(2, vjp=vjp),
-        nn.AvgPool(2, vjp=vjp),
+        nn.Conv(1, 4, (3, 3), impl=impl, rngs=nnx.Rngs(0)),
+        nn.MaxPool(2, impl=impl),
+        nn.AvgPool(2, impl=impl),
         nn.GlobalAvgPool(),
     )
     x, target = _inputs((2, 8, 8, 1)), jnp.ones((2, 4))

@@ -1,7 +1,8 @@
 """The model zoo: Flax NNX classifiers for NHWC images, one architecture per module.
 
-Every model is built as ``Model(*, num_classes=10, in_features=3, small_input=False, ..., rngs)``
-(``LeNet5``: ``in_features=1``, ``input_size=28``) and called as ``model(x, train=None)`` on
+Every model is built as ``Model(*, num_classes=10, in_features=3, small_input=False, ...,
+impl="auto", rngs)`` (``LeNet5``: ``in_features=1``, ``input_size=28``; ``impl`` reaches every
+cnnjax layer through :func:`cnnjax.nn.set_impl`, see :mod:`cnnjax.backprop`) and called as ``model(x, train=None)`` on
 ``(N, H, W, in_features)`` images, returning ``(N, num_classes)`` logits. ``small_input=True``
 adapts the stem to 28x28 / 32x32 images. BatchNorm and Dropout follow NNX's modes
 (``model.train()`` / ``model.eval()``; a new model is in training mode, as in PyTorch), which

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import math
 from collections.abc import Sequence
 
 import jax
@@ -53,6 +54,15 @@ def check_model_args(
         float(width_multiplier),
         float(dropout_rate),
     )
+
+
+def flatten(x):
+    """``(N, ...)`` -> ``(N, prod(...))``, also for an empty batch (where ``reshape(N, -1)`` fails).
+
+    >>> flatten(jnp.zeros((0, 2, 3))).shape
+    (0, 6)
+    """
+    return x.reshape(x.shape[0], math.prod(x.shape[1:]))
 
 
 def eval_flag(train: bool | None) -> bool | None:

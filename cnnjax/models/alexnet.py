@@ -12,6 +12,7 @@ from cnnjax.models._blocks import (
     check_images,
     check_model_args,
     conv_init,
+    flatten,
     scale_width,
 )
 from cnnjax.shapes import check_positive
@@ -55,6 +56,7 @@ class AlexNet(nnx.Module):
         width_multiplier: float = 1.0,
         hidden_features: int = 4096,
         dropout_rate: float = 0.5,
+        impl: str = "auto",
         rngs: nnx.Rngs,
     ):
         op = "AlexNet"
@@ -93,8 +95,9 @@ class AlexNet(nnx.Module):
             dropout_rate=dropout_rate,
             rngs=rngs,
         )
+        nn.set_impl(self, impl)
 
     def __call__(self, x, train: bool | None = None):
         check_images(x, self.in_features, "AlexNet")
         x = self.pool(self.features(x))
-        return self.classifier(x.reshape(x.shape[0], -1), train)
+        return self.classifier(flatten(x), train)

@@ -109,6 +109,7 @@ class DenseNet(nnx.Module):
         in_features: int = 3,
         small_input: bool = False,
         width_multiplier: float = 1.0,
+        impl: str = "auto",
         rngs: nnx.Rngs,
     ):
         op = "DenseNet"
@@ -134,6 +135,7 @@ class DenseNet(nnx.Module):
         self.norm = batch_norm(features, rngs=rngs)
         self.pool = nn.GlobalAvgPool()
         self.classifier = nnx.Linear(features, num_classes, rngs=rngs)
+        nn.set_impl(self, impl)
 
     def __call__(self, x, train: bool | None = None):
         check_images(x, self.in_features, "DenseNet")

@@ -110,6 +110,7 @@ class GoogLeNet(nnx.Module):
         small_input: bool = False,
         width_multiplier: float = 1.0,
         dropout_rate: float = 0.2,
+        impl: str = "auto",
         rngs: nnx.Rngs,
     ):
         op = "GoogLeNet"
@@ -143,6 +144,7 @@ class GoogLeNet(nnx.Module):
         self.pool = nn.GlobalAvgPool()
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
         self.fc = nnx.Linear(features, num_classes, rngs=rngs)
+        nn.set_impl(self, impl)
 
     def __call__(self, x, train: bool | None = None):
         check_images(x, self.in_features, "GoogLeNet")

@@ -6,7 +6,7 @@ import jax
 from flax import nnx
 
 from cnnjax import nn
-from cnnjax.models._blocks import check_images, check_model_args
+from cnnjax.models._blocks import check_images, check_model_args, flatten
 from cnnjax.shapes import check_positive, conv_output_size, pool_output_size
 
 # notes 000, Xavier for conv: U(+-sqrt(6 / (k_h*k_w*(C_in + C_out)))); jax's xavier_uniform uses
@@ -34,7 +34,9 @@ class LeNet5(nnx.Module):
     (2, 10)
     """
 
-    def __init__(self, *, num_classes: int = 10, in_features: int = 1, input_size: int = 28, rngs: nnx.Rngs):
+    def __init__(
+        self, *, num_classes: int = 10, in_features: int = 1, input_size: int = 28, impl: str = "auto", rngs: nnx.Rngs
+    ):
         num_classes, in_features, _, _ = check_model_args("LeNet5", num_classes, in_features)
         input_size = check_positive(input_size, "input_size", "LeNet5")
         side = input_size
@@ -52,12 +54,13 @@ class LeNet5(nnx.Module):
         self.fc1 = nnx.Linear(16 * side * side, 120, kernel_init=_xavier, rngs=rngs)
         self.fc2 = nnx.Linear(120, 84, kernel_init=_xavier, rngs=rngs)
         self.fc3 = nnx.Linear(84, num_classes, kernel_init=_xavier, rngs=rngs)
+        nn.set_impl(self, impl)
 
     def __call__(self, x, train: bool | None = None):
         check_images(x, self.in_features, "LeNet5")
         x = self.pool(jax.nn.sigmoid(self.conv1(x)))
         x = self.pool(jax.nn.sigmoid(self.conv2(x)))
-        x = x.reshape(x.shape[0], -1)
+        x = flatten(x)
         x = jax.nn.sigmoid(self.fc1(x))
         x = jax.nn.sigmoid(self.fc2(x))
         return self.fc3(x)

@@ -83,6 +83,7 @@ class MobileNetV1(nnx.Module):
         small_input: bool = False,
         width_multiplier: float = 1.0,
         dropout_rate: float = 0.0,
+        impl: str = "auto",
         rngs: nnx.Rngs,
     ):
         op = "MobileNetV1"
@@ -100,6 +101,7 @@ class MobileNetV1(nnx.Module):
         self.pool = nn.GlobalAvgPool()
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
         self.fc = nnx.Linear(features, num_classes, rngs=rngs)
+        nn.set_impl(self, impl)
 
     def __call__(self, x, train: bool | None = None):
         check_images(x, self.in_features, "MobileNetV1")

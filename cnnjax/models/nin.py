@@ -69,6 +69,7 @@ class NiN(nnx.Module):
         small_input: bool = False,
         width_multiplier: float = 1.0,
         dropout_rate: float = 0.5,
+        impl: str = "auto",
         rngs: nnx.Rngs,
     ):
         op = "NiN"
@@ -89,6 +90,7 @@ class NiN(nnx.Module):
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
         self.classifier = nin_block(c3, num_classes, 3, 1, 1, rngs=rngs)
         self.pool = nn.GlobalAvgPool()
+        nn.set_impl(self, impl)
 
     def __call__(self, x, train: bool | None = None):
         check_images(x, self.in_features, "NiN")

@@ -113,6 +113,7 @@ class ResNet(nnx.Module):
         in_features: int = 3,
         small_input: bool = False,
         width_multiplier: float = 1.0,
+        impl: str = "auto",
         rngs: nnx.Rngs,
     ):
         op = "ResNet"
@@ -133,6 +134,7 @@ class ResNet(nnx.Module):
         self.features = Stack(*layers)
         self.pool = nn.GlobalAvgPool()
         self.fc = nnx.Linear(features, num_classes, rngs=rngs)
+        nn.set_impl(self, impl)
 
     def __call__(self, x, train: bool | None = None):
         check_images(x, self.in_features, "ResNet")

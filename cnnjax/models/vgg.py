@@ -15,6 +15,7 @@ from cnnjax.models._blocks import (
     check_images,
     check_model_args,
     conv_init,
+    flatten,
     scale_width,
 )
 from cnnjax.shapes import check_positive
@@ -57,6 +58,7 @@ class VGG(nnx.Module):
         width_multiplier: float = 1.0,
         hidden_features: int = 4096,
         dropout_rate: float = 0.5,
+        impl: str = "auto",
         rngs: nnx.Rngs,
     ):
         op = "VGG"
@@ -84,11 +86,12 @@ class VGG(nnx.Module):
             dropout_rate=dropout_rate,
             rngs=rngs,
         )
+        nn.set_impl(self, impl)
 
     def __call__(self, x, train: bool | None = None):
         check_images(x, self.in_features, "VGG")
         x = self.pool(self.features(x))
-        return self.classifier(x.reshape(x.shape[0], -1), train)
+        return self.classifier(flatten(x), train)
 
 
 # Configurations "A" (11 weight layers) and "D" (16) of the paper's Table 1.
