@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax.shapes import PADDING_STRINGS, check_positive, resolve_padding
+from cnnjax.shapes import PADDING_STRINGS, check_positive, conv_output_size, pool_output_size, resolve_padding
 
 IMPLS = ("auto", "closed_form", "lax")
 _SPATIAL_LETTERS = {1: "W", 2: "HW", 3: "DHW"}
@@ -164,3 +164,148 @@ def check_impl(impl, op: str) -> str:
     if not isinstance(impl, str) or impl not in IMPLS:
         raise ValueError(f"{op}: impl={impl!r} is not one of {IMPLS}")
     return impl
+
+
+# --- canonical geometry: the static description every op, formula and primitive shares --------
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvGeometry:
+    """Everything spatial about one convolution, canonical and hashable.
+
+    The input's spatial sizes, the kernel window, strides, explicit ``(lo, hi)`` pads (a negative
+    ``hi`` crops: the exact-fit pads of a transposed conv's forward), kernel dilation, group
+    count and layout. The notes' three conv maps share it: the forward (``input_spatial`` ->
+    ``output_spatial``), its input gradient (the transposed conv, back) and its kernel gradient.
+    """
+
+    layout: Layout
+    input_spatial: tuple[int, ...]
+    window: tuple[int, ...]
+    strides: tuple[int, ...]
+    padding: tuple[tuple[int, int], ...]
+    dilation: tuple[int, ...]
+    groups: int = 1
+
+    @property
+    def output_spatial(self) -> tuple[int, ...]:
+        """Per dim ``floor((n + lo + hi - d*(k-1) - 1) / s) + 1`` (notes 002)."""
+        return tuple(
+            conv_output_size(n + lo + hi, k, s, 0, d)
+            for n, k, s, (lo, hi), d in zip(
+                self.input_spatial, self.window, self.strides, self.padding, self.dilation, strict=True
+            )
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolGeometry:
+    """Everything spatial about one pooling call, canonical and hashable.
+
+    ``padding`` is the caller's ``(lo, hi)`` pads and ``out`` PyTorch's output sizes (with
+    ``ceil_mode``); ``reduce_padding`` is what a reduce_window needs to give exactly ``out``
+    windows.
+    """
+
+    layout: Layout
+    input_spatial: tuple[int, ...]
+    window: tuple[int, ...]
+    strides: tuple[int, ...]
+    padding: tuple[tuple[int, int], ...]
+    dilation: tuple[int, ...]
+    out: tuple[int, ...]
+
+    @property
+    def reduce_padding(self) -> tuple[tuple[int, int], ...]:
+        """Padding under which a reduce_window yields exactly ``out`` windows.
+
+        The caller's padding where it already gives ``out`` windows (then the program is the bare
+        ``lax.reduce_window`` a user would write); otherwise (``ceil_mode``'s overhang, or a high
+        pad that a window would start in) the high side ends at the last window.
+        """
+        pairs = []
+        for n, w, s, d, (lo, hi), o in zip(
+            self.input_spatial, self.window, self.strides, self.dilation, self.padding, self.out, strict=True
+        ):
+            span = d * (w - 1) + 1
+            if (n + lo + hi - span) // s + 1 != o:
+                hi = max((o - 1) * s + span - n - lo, 0)
+            pairs.append((lo, hi))
+        return tuple(pairs)
+
+    @property
+    def padded_spatial(self) -> tuple[int, ...]:
+        """The input's spatial sizes with ``reduce_padding`` added."""
+        return tuple(n + lo + hi for n, (lo, hi) in zip(self.input_spatial, self.reduce_padding, strict=True))
+
+
+def per_dim(op: str, size_fn, *columns) -> tuple[int, ...]:
+    """``size_fn`` (a ``cnnjax.shapes`` rule) per spatial dim, its errors re-raised under ``op``."""
+    out = []
+    for dim, args in enumerate(zip(*columns, strict=True)):
+        try:
+            out.append(size_fn(*args))
+        except ValueError as err:
+            raise ValueError(f"{op}: along spatial dim {dim}: {err}") from None
+    return tuple(out)
+
+
+def kernel_doc(layout: Layout) -> str:
+    return f"{layout.rhs} (kernel for layout {layout.lhs})"
+
+
+def conv_geometry(
+    op: str, x_shape, kernel_shape, layout: Layout, strides, padding, kernel_dilation, feature_group_count
+) -> ConvGeometry:
+    """Check a forward kernel ``(.., C_in // groups, C_out)`` against an input of ``x_shape`` and
+    canonicalize the rest; raises ``ValueError`` naming ``op`` and the offending value."""
+    x_shape, kernel_shape = tuple(x_shape), tuple(kernel_shape)
+    rank = layout.spatial_rank
+    if len(kernel_shape) != rank + 2:
+        raise ValueError(
+            f"{op}: kernel must have rank {rank + 2} ({kernel_doc(layout)}) to match x of shape {x_shape}, "
+            f"got kernel shape {kernel_shape}"
+        )
+    groups = check_positive(feature_group_count, "feature_group_count", op)
+    c_in = layout.channels(x_shape)
+    k_in, c_out = kernel_shape[layout.kernel_in_axis], kernel_shape[layout.kernel_out_axis]
+    if c_in % groups:
+        raise ValueError(f"{op}: feature_group_count={groups} must divide C_in={c_in} (x shape {x_shape})")
+    if k_in * groups != c_in:
+        raise ValueError(
+            f"{op}: kernel has {k_in} input channels but x has C_in={c_in} and feature_group_count={groups}, "
+            f"so the kernel needs C_in // feature_group_count = {c_in // groups}; kernel shape {kernel_shape} "
+            f"is {kernel_doc(layout)}"
+        )
+    if c_out % groups:
+        raise ValueError(f"{op}: feature_group_count={groups} must divide C_out={c_out} (kernel shape {kernel_shape})")
+    strides = canonicalize_tuple(strides, rank, "strides", op)
+    dilation = canonicalize_tuple(kernel_dilation, rank, "kernel_dilation", op)
+    window = tuple(kernel_shape[a] for a in layout.kernel_spatial_axes)
+    sizes = layout.spatial(x_shape)
+    pairs = padding_pairs(canonicalize_padding(padding, rank, op), sizes, window, strides, dilation, op)
+    per_dim(op, conv_output_size, sizes, window, strides, pairs, dilation)
+    return ConvGeometry(layout, sizes, window, strides, pairs, dilation, groups)
+
+
+def pool_geometry(op: str, x_shape, layout: Layout, window_shape, strides, padding, window_dilation, ceil_mode):
+    """Canonicalize a pooling call once (``strides=None`` means the window, PyTorch/d2l);
+    raises ``ValueError`` if an output size would be < 1."""
+    rank = layout.spatial_rank
+    sizes = layout.spatial(x_shape)
+    window = canonicalize_tuple(window_shape, rank, "window_shape", op)
+    strides = window if strides is None else canonicalize_tuple(strides, rank, "strides", op)
+    dilation = canonicalize_tuple(window_dilation, rank, "window_dilation", op)
+    pads = padding_pairs(canonicalize_padding(padding, rank, op), sizes, window, strides, dilation, op)
+    for dim, (n, w, d, (lo, hi)) in enumerate(zip(sizes, window, dilation, pads, strict=True)):
+        if n + lo + hi < d * (w - 1) + 1:
+            raise ValueError(
+                f"{op}: window_shape={window} with window_dilation={dilation} spans {d * (w - 1) + 1} along "
+                f"spatial dim {dim}, more than the padded input {n + lo + hi} (size {n}, padding ({lo}, {hi})); "
+                f"the output would be empty"
+            )
+    out = tuple(
+        pool_output_size(n, w, s, pair, d, bool(ceil_mode))
+        for n, w, s, pair, d in zip(sizes, window, strides, pads, dilation, strict=True)
+    )
+    return PoolGeometry(layout, sizes, window, strides, pads, dilation, out)

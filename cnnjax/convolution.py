@@ -1,12 +1,12 @@
-"""Convolutions on ``lax.conv_general_dilated``: conv, its adjoint, and the notes' variants.
+"""Convolutions: conv, its adjoint, and the notes' variants.
 
 Every op takes batched inputs, ``layout="NHWC"`` (kernels HWIO, Flax's) or ``"NCHW"`` (kernels
 OIHW, PyTorch's), for 1 to 3 spatial dims. Arguments are canonicalized once at the top of each
 public function (``cnnjax._canon``), where every check happens; all output-size arithmetic is
 ``cnnjax.shapes``'s. Past the checks, ``conv`` and ``conv_transpose`` each run one jitted core
-(so an eager call compiles once, not op by op), and every convolution funnels into the one
-private ``_conv_general_dilated`` (or, for ``vjp="closed_form"``,
-``cnnjax.backprop.conv_closed_form`` / ``conv_transpose_closed_form``).
+(so an eager call compiles once, not op by op): with ``impl="lax"`` one
+``lax.conv_general_dilated`` and JAX's autodiff, otherwise one cnnjax primitive whose
+derivatives are the notes' closed forms (:mod:`cnnjax.backprop`, :mod:`cnnjax._primitives`).
 
 Conv layers compute cross-correlation (notes 001/004: ``Y[i, j] = sum_ab X[i+a, j+b] K[a, b]``);
 ``convolve2d`` is the true convolution, with the kernel flipped (notes 001 section 1.5).
@@ -14,6 +14,7 @@ Conv layers compute cross-correlation (notes 001/004: ``Y[i, j] = sum_ab X[i+a, 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -21,8 +22,19 @@ import numpy as np
 from jax import lax
 from jax import numpy as jnp
 
-from cnnjax import backprop
-from cnnjax._canon import Layout, canonicalize_padding, canonicalize_tuple, layout_of, padding_pairs
+from cnnjax import _primitives, backprop
+from cnnjax._canon import (
+    ConvGeometry,
+    Layout,
+    canonicalize_padding,
+    canonicalize_tuple,
+    check_impl,
+    conv_geometry,
+    kernel_doc,
+    layout_of,
+    padding_pairs,
+    per_dim,
+)
 from cnnjax.shapes import check_positive, conv_output_size, conv_transpose_output_size
 
 __all__ = [
@@ -52,34 +64,12 @@ def _operands(x, kernel):
     return x.astype(dtype), kernel.astype(dtype)
 
 
-def _kernel_layout(layout: Layout) -> str:
-    return f"{layout.rhs} (kernel for layout {layout.lhs})"
-
-
 def _check_kernel_rank(op: str, x, kernel, layout: Layout) -> None:
     if kernel.ndim != x.ndim:
         raise ValueError(
-            f"{op}: kernel must have rank {x.ndim} ({_kernel_layout(layout)}) to match x of shape {x.shape}, "
+            f"{op}: kernel must have rank {x.ndim} ({kernel_doc(layout)}) to match x of shape {x.shape}, "
             f"got kernel shape {kernel.shape}"
         )
-
-
-def _conv_channels(op: str, x, kernel, layout: Layout, groups: int) -> int:
-    """Check a forward kernel ``(.., C_in // groups, C_out)`` against ``x``; return ``C_out``."""
-    _check_kernel_rank(op, x, kernel, layout)
-    c_in = layout.channels(x.shape)
-    k_in, c_out = kernel.shape[layout.kernel_in_axis], kernel.shape[layout.kernel_out_axis]
-    if c_in % groups:
-        raise ValueError(f"{op}: feature_group_count={groups} must divide C_in={c_in} (x shape {x.shape})")
-    if k_in * groups != c_in:
-        raise ValueError(
-            f"{op}: kernel has {k_in} input channels but x has C_in={c_in} and feature_group_count={groups}, "
-            f"so the kernel needs C_in // feature_group_count = {c_in // groups}; kernel shape {kernel.shape} "
-            f"is {_kernel_layout(layout)}"
-        )
-    if c_out % groups:
-        raise ValueError(f"{op}: feature_group_count={groups} must divide C_out={c_out} (kernel shape {kernel.shape})")
-    return c_out
 
 
 def _canonical_bias(op: str, bias, c_out: int):
@@ -103,17 +93,6 @@ def _window(kernel, layout: Layout) -> tuple[int, ...]:
     return tuple(kernel.shape[a] for a in layout.kernel_spatial_axes)
 
 
-def _per_dim(op: str, size_fn, *columns) -> tuple[int, ...]:
-    """``size_fn`` (a ``cnnjax.shapes`` rule) per spatial dim, its errors re-raised under ``op``."""
-    out = []
-    for dim, args in enumerate(zip(*columns, strict=True)):
-        try:
-            out.append(size_fn(*args))
-        except ValueError as err:
-            raise ValueError(f"{op}: along spatial dim {dim}: {err}") from None
-    return tuple(out)
-
-
 def _check_padding_mode(op: str, padding_mode) -> None:
     if padding_mode not in PADDING_MODES:
         raise ValueError(f"{op}: padding_mode={padding_mode!r} is not one of {PADDING_MODES}")
@@ -132,24 +111,6 @@ def _check_padding_limits(op: str, sizes, pairs, padding_mode: str) -> None:
                 f"{op}: padding_mode='circular' needs padding <= input size, got padding=({lo}, {hi}) "
                 f"for size {n} along spatial dim {dim}"
             )
-
-
-# --- the one lax call ------------------------------------------------------------------------
-
-
-def _conv_general_dilated(x, kernel, *, strides, padding, kernel_dilation, input_dilation, groups, layout, precision):
-    """Every convolution in this module runs here (canonical arguments, ``padding`` as pairs)."""
-    return lax.conv_general_dilated(
-        x,
-        kernel,
-        window_strides=strides,
-        padding=padding,
-        lhs_dilation=input_dilation,
-        rhs_dilation=kernel_dilation,
-        dimension_numbers=layout.dimension_numbers,
-        feature_group_count=groups,
-        precision=precision,
-    )
 
 
 # --- public ops ------------------------------------------------------------------------------
@@ -190,8 +151,8 @@ def conv(
         ``input_dilation > 1``).
       layout: ``"NHWC"`` or ``"NCHW"`` (or the 1-D/3-D aliases ``"NWC"``, ``"NCDHW"``, ...).
       precision: passed to ``lax.conv_general_dilated``.
-      vjp: ``"auto"``, ``"xla"`` or ``"closed_form"`` (the notes' gradient formulas from
-        ``cnnjax.backprop``; used only when ``input_dilation`` is 1 and ``x`` is floating).
+      impl: ``"auto"`` (default), ``"closed_form"`` or ``"lax"``: how it is computed and
+        differentiated (:mod:`cnnjax.backprop`); values agree whatever it is.
 
     Integer operands compute in their (common) dtype, as lax does.
 
@@ -208,101 +169,66 @@ def conv(
     op = "conv"
     x, kernel = _operands(x, kernel)
     layout = layout_of(x, layout, op)
-    groups = check_positive(feature_group_count, "feature_group_count", op)
-    c_out = _conv_channels(op, x, kernel, layout, groups)
-    bias = _canonical_bias(op, bias, c_out)
+    impl = check_impl(impl, op)
     rank = layout.spatial_rank
-    strides = canonicalize_tuple(strides, rank, "strides", op)
-    kernel_dilation = canonicalize_tuple(kernel_dilation, rank, "kernel_dilation", op)
     input_dilation = canonicalize_tuple(input_dilation, rank, "input_dilation", op)
     _check_padding_mode(op, padding_mode)
-    method = backprop.resolve_vjp({"lax": "xla"}.get(impl, impl), op)
-    window = _window(kernel, layout)
-    sizes = tuple((n - 1) * d + 1 for n, d in zip(layout.spatial(x.shape), input_dilation, strict=True))
-    pairs = padding_pairs(canonicalize_padding(padding, rank, op), sizes, window, strides, kernel_dilation, op)
-    _per_dim(op, conv_output_size, sizes, window, strides, pairs, kernel_dilation)
+    # padding strings are resolved on the input-dilated size (n-1)*input_dilation + 1
+    dilated_shape = layout.shape(
+        x.shape[0],
+        [(n - 1) * d + 1 for n, d in zip(layout.spatial(x.shape), input_dilation, strict=True)],
+        layout.channels(x.shape),
+    )
+    geometry = conv_geometry(
+        op, dilated_shape, kernel.shape, layout, strides, padding, kernel_dilation, feature_group_count
+    )
+    bias = _canonical_bias(op, bias, kernel.shape[layout.kernel_out_axis])
     if padding_mode != "zeros":
         if input_dilation != (1,) * rank:
             raise NotImplementedError(
                 f"{op}: padding_mode={padding_mode!r} with input_dilation={input_dilation} is not supported"
             )
-        _check_padding_limits(op, sizes, pairs, padding_mode)
-    closed_form = method == "closed_form" and input_dilation == (1,) * rank and jnp.issubdtype(x.dtype, jnp.inexact)
+        _check_padding_limits(op, geometry.input_spatial, geometry.padding, padding_mode)
     return _conv_core(
         x,
         kernel,
         bias,
-        strides=strides,
-        padding=pairs,
-        kernel_dilation=kernel_dilation,
+        geometry=geometry,
         input_dilation=input_dilation,
-        groups=groups,
         padding_mode=padding_mode,
-        layout=layout,
         precision=precision,
-        closed_form=closed_form,
+        impl=impl,
     )
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "strides",
-        "padding",
-        "kernel_dilation",
-        "input_dilation",
-        "groups",
-        "padding_mode",
-        "layout",
-        "precision",
-        "closed_form",
-    ),
-)
-def _conv_core(
-    x,
-    kernel,
-    bias,
-    *,
-    strides,
-    padding,
-    kernel_dilation,
-    input_dilation,
-    groups,
-    padding_mode,
-    layout,
-    precision,
-    closed_form,
-):
-    """``conv`` past its checks (canonical arguments); jitted so an eager call compiles once."""
+@functools.partial(jax.jit, static_argnames=("geometry", "input_dilation", "padding_mode", "precision", "impl"))
+def _conv_core(x, kernel, bias, *, geometry: ConvGeometry, input_dilation, padding_mode, precision, impl):
+    """``conv`` past its checks; jitted so an eager call compiles once."""
+    layout = geometry.layout
     if padding_mode != "zeros":
         widths = [(0, 0)] * x.ndim
-        for axis, pair in zip(layout.spatial_axes, padding, strict=True):
+        for axis, pair in zip(layout.spatial_axes, geometry.padding, strict=True):
             widths[axis] = pair
         x = jnp.pad(x, widths, mode=_JNP_PAD_MODES[padding_mode])
-        padding = ((0, 0),) * layout.spatial_rank
-    if closed_form:
-        y = backprop.conv_closed_form(
+        geometry = dataclasses.replace(
+            geometry, input_spatial=layout.spatial(x.shape), padding=((0, 0),) * layout.spatial_rank
+        )
+    if impl == "lax":
+        y = lax.conv_general_dilated(
             x,
             kernel,
-            strides=strides,
-            padding=padding,
-            kernel_dilation=kernel_dilation,
-            feature_group_count=groups,
-            layout=layout,
+            window_strides=geometry.strides,
+            padding=geometry.padding,
+            lhs_dilation=input_dilation,
+            rhs_dilation=geometry.dilation,
+            dimension_numbers=layout.dimension_numbers,
+            feature_group_count=geometry.groups,
             precision=precision,
         )
     else:
-        y = _conv_general_dilated(
-            x,
-            kernel,
-            strides=strides,
-            padding=padding,
-            kernel_dilation=kernel_dilation,
-            input_dilation=input_dilation,
-            groups=groups,
-            layout=layout,
-            precision=precision,
-        )
+        if any(d > 1 for d in input_dilation):  # notes 002: insert d - 1 zeros between the inputs
+            x = lax.pad(x, jnp.zeros((), x.dtype), layout.window([(0, 0, d - 1) for d in input_dilation], (0, 0, 0)))
+        y = _primitives.conv(x, kernel, geometry, precision, impl)
     return _add_bias(y, bias, layout)
 
 
@@ -325,22 +251,6 @@ def _conv_transpose_channels(op: str, x, kernel, layout: Layout, groups: int) ->
             f"is the forward conv's, {_transpose_kernel_doc(layout)} in layout {layout.lhs}, got shape {kernel.shape}"
         )
     return kernel.shape[layout.kernel_in_axis] * groups
-
-
-def _adjoint_kernel(kernel, layout: Layout, groups: int):
-    """The kernel of the adjoint conv: spatially flipped, in/out channels swapped within each group.
-
-    ``(C_in_t, C_out_t // G, *window)`` (as OIHW; HWIO likewise) -> ``(C_out_t, C_in_t // G, *window)``.
-    """
-    axes = (layout.kernel_out_axis, layout.kernel_in_axis)
-    flipped = jnp.flip(kernel, layout.kernel_spatial_axes)
-    if groups == 1:  # one swap, as lax.conv_transpose writes it (the same compiled program)
-        return jnp.swapaxes(flipped, *axes)
-    k = jnp.moveaxis(flipped, axes, (0, 1))
-    c_in_t, c_out_per_group, *window = k.shape
-    k = k.reshape(groups, c_in_t // groups, c_out_per_group, *window).swapaxes(1, 2)
-    k = k.reshape(groups * c_out_per_group, c_in_t // groups, *window)
-    return jnp.moveaxis(k, (0, 1), axes)
 
 
 def conv_transpose(
@@ -379,11 +289,10 @@ def conv_transpose(
       output_padding: int or one int per dim, added to the high side (PyTorch's); must be
         smaller than the stride or the dilation.
       layout, precision: as in ``conv``.
-      vjp: ``"auto"``, ``"xla"`` or ``"closed_form"``: ``"closed_form"`` computes the value as
-        ``cnnjax.backprop``'s conv input gradient and differentiates it in closed form (input
-        gradient ``conv(dy, kernel)``, kernel gradient the conv kernel gradient with input ``dy``
-        and delta ``x``; used only when ``x`` is floating); ``"xla"`` is JAX's autodiff of the
-        input-dilated conv above.
+      impl: ``"auto"`` (default), ``"closed_form"`` or ``"lax"``, as in ``conv``. With a cnnjax
+        primitive this is the notes' conv input gradient (its derivatives: ``conv(dy, kernel)``
+        and the conv kernel gradient with input ``dy`` and delta ``x``); with ``"lax"`` the
+        input-dilated conv above and JAX's autodiff.
 
     Returns:
       ``(N, *out, C_out)`` or ``(N, C_out, *out)``, per dim
@@ -406,13 +315,13 @@ def conv_transpose(
     kernel_dilation = canonicalize_tuple(kernel_dilation, rank, "kernel_dilation", op)
     output_padding = canonicalize_tuple(output_padding, rank, "output_padding", op, minimum=0)
     padding = canonicalize_padding(padding, rank, op)
-    method = backprop.resolve_vjp({"lax": "xla"}.get(impl, impl), op)
+    impl = check_impl(impl, op)
     window = _window(kernel, layout)
     sizes = layout.spatial(x.shape)
     forward_sizes = tuple(n * s for n, s in zip(sizes, strides, strict=True))
     pairs = padding_pairs(padding, forward_sizes, window, strides, kernel_dilation, op)
     per_dim_padding = (padding,) * rank if isinstance(padding, str) else pairs
-    out_sizes = _per_dim(
+    out_sizes = per_dim(
         op, conv_transpose_output_size, sizes, window, strides, per_dim_padding, output_padding, kernel_dilation
     )
     # The forward conv this is the adjoint of maps the output's m pixels to x's n with pads
@@ -422,69 +331,19 @@ def conv_transpose(
         (lo, (n - 1) * s + d * (k - 1) + 1 - m - lo)
         for n, k, s, d, (lo, _), m in zip(sizes, window, strides, kernel_dilation, pairs, out_sizes, strict=True)
     )
-    return _conv_transpose_core(
-        x,
-        kernel,
-        bias,
-        out_sizes=tuple(out_sizes),
-        strides=strides,
-        padding=forward_pairs,
-        kernel_dilation=kernel_dilation,
-        groups=groups,
-        layout=layout,
-        precision=precision,
-        closed_form=method == "closed_form" and jnp.issubdtype(x.dtype, jnp.inexact),
-    )
+    geometry = ConvGeometry(layout, out_sizes, window, strides, forward_pairs, kernel_dilation, groups)
+    return _conv_transpose_core(x, kernel, bias, geometry=geometry, precision=precision, impl=impl)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "out_sizes",
-        "strides",
-        "padding",
-        "kernel_dilation",
-        "groups",
-        "layout",
-        "precision",
-        "closed_form",
-    ),
-)
-def _conv_transpose_core(
-    x, kernel, bias, *, out_sizes, strides, padding, kernel_dilation, groups, layout, precision, closed_form
-):
-    """``conv_transpose`` past its checks (jitted); ``padding``: the forward conv's exact-fit pairs.
-
-    Closed form: ``backprop.conv_transpose_closed_form``; otherwise the input-dilated conv with
-    the adjoint kernel, padded ``d*(k-1) - lo`` / ``d*(k-1) - hi`` (negative pads crop)."""
-    if closed_form:
-        y = backprop.conv_transpose_closed_form(
-            x,
-            kernel,
-            output_spatial=out_sizes,
-            strides=strides,
-            padding=padding,
-            kernel_dilation=kernel_dilation,
-            feature_group_count=groups,
-            layout=layout,
-            precision=precision,
-        )
+@functools.partial(jax.jit, static_argnames=("geometry", "precision", "impl"))
+def _conv_transpose_core(x, kernel, bias, *, geometry: ConvGeometry, precision, impl):
+    """``conv_transpose`` past its checks (jitted): the input gradient of the forward conv of
+    ``geometry`` (exact-fit pads), as a lax formula or a cnnjax primitive."""
+    if impl == "lax":
+        y = backprop.input_grad(x, kernel, geometry, precision)
     else:
-        y = _conv_general_dilated(
-            x,
-            _adjoint_kernel(kernel, layout, groups),
-            strides=(1,) * layout.spatial_rank,
-            padding=tuple(
-                (d * (k - 1) - lo, d * (k - 1) - hi)
-                for (lo, hi), k, d in zip(padding, _window(kernel, layout), kernel_dilation, strict=True)
-            ),
-            kernel_dilation=kernel_dilation,
-            input_dilation=strides,
-            groups=groups,
-            layout=layout,
-            precision=precision,
-        )
-    return _add_bias(y, bias, layout)
+        y = _primitives.conv_input_grad(x, kernel, geometry, precision, impl)
+    return _add_bias(y, bias, geometry.layout)
 
 
 def _check_2d(op: str, **arrays) -> None:
@@ -493,18 +352,19 @@ def _check_2d(op: str, **arrays) -> None:
             raise ValueError(f"{op}: {name} must be a 2-D array, got shape {a.shape}")
 
 
-def _plane_conv(x, k, padding):
+def _plane_conv(x, k, padding, impl):
     """A 2-D array correlated with a 2-D kernel, through ``conv`` as one NCHW plane."""
-    return conv(x[None, None], k[None, None], padding=padding, layout="NCHW")[0, 0]
+    return conv(x[None, None], k[None, None], padding=padding, layout="NCHW", impl=impl)[0, 0]
 
 
-def corr2d(x, k):
+def corr2d(x, k, *, impl="auto"):
     """2-D cross-correlation of one plane with one kernel, valid mode (notes 001/004's ``corr2d``).
 
     ``Y[i, j] = sum_{a, b} x[i + a, j + b] * k[a, b]``.
 
     Args:
       x: ``(H, W)``; k: ``(kh, kw)``, at most as large as ``x``. Integers stay integers.
+      impl: as in ``conv``.
 
     Returns:
       ``(H - kh + 1, W - kw + 1)``.
@@ -516,11 +376,11 @@ def corr2d(x, k):
     op = "corr2d"
     x, k = _operands(x, k)
     _check_2d(op, x=x, k=k)
-    _per_dim(op, conv_output_size, x.shape, k.shape)
-    return _plane_conv(x, k, "VALID")
+    per_dim(op, conv_output_size, x.shape, k.shape)
+    return _plane_conv(x, k, "VALID", impl)
 
 
-def convolve2d(x, k, mode="valid"):
+def convolve2d(x, k, mode="valid", *, impl="auto"):
     """True 2-D convolution (kernel flipped), equal to ``scipy.signal.convolve2d(x, k, mode)``.
 
     ``Y[i, j] = sum_{a, b} x[i - a, j - b] * k[a, b]`` with zeros outside ``x`` (scipy's default
@@ -530,7 +390,8 @@ def convolve2d(x, k, mode="valid"):
     index ``((kh - 1) // 2, (kw - 1) // 2)``.
 
     Args:
-      x: ``(H, W)``; k: ``(kh, kw)``; mode: ``"valid"``, ``"same"`` or ``"full"``.
+      x: ``(H, W)``; k: ``(kh, kw)``; mode: ``"valid"``, ``"same"`` or ``"full"``; impl: as in
+        ``conv``.
 
     Returns:
       ``"valid"``: ``(|H - kh| + 1, |W - kw| + 1)``; ``"same"``: ``(H, W)``;
@@ -554,7 +415,7 @@ def convolve2d(x, k, mode="valid"):
             )
         if not x_covers_k:
             x, k = k, x
-    return _plane_conv(x, jnp.flip(k), _CONVOLVE_PADDING[mode])
+    return _plane_conv(x, jnp.flip(k), _CONVOLVE_PADDING[mode], impl)
 
 
 def _check_depthwise_kernel(op: str, name: str, x, kernel, layout: Layout) -> None:
@@ -590,7 +451,7 @@ def depthwise_conv(
       kernel: ``(*window, 1, C_in * multiplier)`` (``NHWC``) or ``(C_in * multiplier, 1, *window)``
         (``NCHW``).
       bias: ``None`` or ``(C_in * multiplier,)``.
-      strides, padding, kernel_dilation, padding_mode, layout, precision: as in ``conv``.
+      strides, padding, kernel_dilation, padding_mode, layout, precision, impl: as in ``conv``.
 
     Returns:
       ``(N, *out, C_in * multiplier)`` (or channels first), ``out`` as in ``conv``.
@@ -663,7 +524,7 @@ def separable_conv(
         pointwise_kernel.shape[layout.kernel_in_axis] != c_mid
     ):
         raise ValueError(
-            f"{op}: pointwise_kernel must be a 1x1 kernel ({_kernel_layout(layout)}) with C_mid={c_mid} "
+            f"{op}: pointwise_kernel must be a 1x1 kernel ({kernel_doc(layout)}) with C_mid={c_mid} "
             f"input channels (the depthwise outputs), got shape {pointwise_kernel.shape}"
         )
     y = depthwise_conv(
@@ -677,7 +538,7 @@ def separable_conv(
         precision=precision,
         impl=impl,
     )
-    return conv(y, pointwise_kernel, bias, layout=layout.lhs, precision=precision)
+    return conv(y, pointwise_kernel, bias, layout=layout.lhs, precision=precision, impl=impl)
 
 
 def _only_along(axis: int, values: tuple, neutral) -> tuple:
@@ -712,7 +573,7 @@ def spatially_separable_conv(
       column_kernel: ``(kh, 1, C_in // G, C_mid)`` (``NHWC``) or ``(C_mid, C_in // G, kh, 1)``.
       row_kernel: ``(1, kw, C_mid // G, C_out)`` (``NHWC``) or ``(C_out, C_mid // G, 1, kw)``.
       bias: ``None`` or ``(C_out,)``.
-      strides, padding, kernel_dilation, feature_group_count, layout, precision: as in ``conv``
+      strides, padding, kernel_dilation, feature_group_count, layout, precision, impl: as in ``conv``
         (2-D only).
 
     Returns:
@@ -738,7 +599,7 @@ def spatially_separable_conv(
     strides = canonicalize_tuple(strides, 2, "strides", op)
     kernel_dilation = canonicalize_tuple(kernel_dilation, 2, "kernel_dilation", op)
     padding = canonicalize_padding(padding, 2, op)
-    common = {"feature_group_count": feature_group_count, "layout": layout.lhs, "precision": precision}
+    common = {"feature_group_count": feature_group_count, "layout": layout.lhs, "precision": precision, "impl": impl}
     column_step, row_step = (
         {
             "strides": _only_along(axis, strides, 1),

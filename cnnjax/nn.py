@@ -1,7 +1,8 @@
 """Flax NNX modules over cnnjax's functional ops: NHWC inputs, parameters ``kernel``/``bias``.
 
 Every module is thin: ``__init__`` creates parameters, ``__call__`` calls one functional op from
-:mod:`cnnjax.convolution` or :mod:`cnnjax.pooling` and nothing else. Inputs are batched and
+:mod:`cnnjax.convolution` or :mod:`cnnjax.pooling` and nothing else. Every layer takes ``impl``
+(:mod:`cnnjax.backprop`), which :func:`set_impl` sets on every layer of a model at once. Inputs are batched and
 channels-last, ``(N, *spatial, C)`` with 1 to 3 spatial dims; the functional op validates them.
 
 ``Conv`` takes the arguments ``flax.nnx.Conv`` takes for the options they share, with the same
@@ -127,8 +128,8 @@ class Conv(nnx.Module):
     ``x: (N, *spatial, in_features)`` -> ``(N, *out, out_features)`` with, per spatial dim,
     ``out = floor((n + lo + hi - d*(k-1) - 1) / s) + 1`` (``"SAME"``: ``ceil(n / s)``).
     Parameters: ``kernel`` ``(*kernel_size, in_features // feature_group_count, out_features)``
-    (HWIO) and ``bias`` ``(out_features,)``. ``vjp`` picks the backward pass (``"auto"``,
-    ``"xla"``, ``"closed_form"``: the notes' formulas).
+    (HWIO) and ``bias`` ``(out_features,)``. ``impl`` (``"auto"``,
+    ``"closed_form"``, ``"lax"``) says how it is computed and differentiated (:mod:`cnnjax.backprop`).
 
     >>> layer = Conv(3, 8, (3, 3), rngs=nnx.Rngs(0))
     >>> layer.kernel.shape, layer(jnp.ones((2, 16, 16, 3))).shape
@@ -203,7 +204,7 @@ class ConvTranspose(nnx.Module):
     supports groups, and its ``padding`` follows PyTorch rather than ``lax.conv_transpose``. The
     default init is LeCun-normal on this kernel, i.e. fan-in
     ``prod(kernel_size) * out_features // groups``, the fan PyTorch uses for ``ConvTranspose``.
-    ``vjp`` picks the backward pass (``"auto"``, ``"xla"``, ``"closed_form"``: the notes' formulas).
+    ``impl`` as :class:`Conv`.
 
     >>> layer = ConvTranspose(8, 3, (4, 4), 2, padding=1, rngs=nnx.Rngs(0))
     >>> layer.kernel.shape, layer(jnp.ones((2, 5, 5, 8))).shape

@@ -14,9 +14,9 @@ Three tables, every ratio ``cnnjax time / baseline time`` (below 1: cnnjax is fa
    forward and forward+backward, whether the forward compiles to the same optimized HLO
    (:func:`normalize_hlo`, also used by ``tests/test_hlo.py``), and the noise floor: the ratio
    of two compilations of the bare call, timed alike. cnnjax runs with its default
-   ``vjp="auto"``, so forward+backward times the backward pass ``auto`` picks on this backend
-   (``cnnjax.backprop.resolve_vjp``). Where that choice is also another forward algorithm (on
-   CPU, today: depthwise convs as windowed sums, max pools as a fold of strided slices,
+   ``impl="auto"``: its primitives, whose backward pass is the notes' closed forms, lowered on
+   CPU to the schedules of ``cnnjax._cpu``. Where a schedule is also another forward algorithm
+   (on CPU, today: depthwise convs as windowed sums, max pools as a fold of strided slices,
    transposed convs as the phase-decomposed conv input gradient), "same HLO" is "no" by design
    and the ratio says whether it pays. These rows get three times ``--rounds``.
 2. Layers: ``cnnjax.nn`` modules against their ``flax.nnx`` equivalents and PyTorch's
@@ -80,7 +80,6 @@ from jax import lax
 
 from cnnjax import models, nn
 from cnnjax.analysis import count_params, summary
-from cnnjax.backprop import resolve_vjp
 from cnnjax.convolution import conv, conv_transpose
 from cnnjax.pooling import avg_pool, max_pool
 from cnnjax.train import init_train_state, make_train_step
@@ -290,7 +289,7 @@ class OverheadCase:
 
 
 def overhead_cases(batch: int) -> list[OverheadCase]:
-    """ResNet/MobileNet/DCGAN-like geometries; conv in both layouts; ``vjp="auto"`` throughout."""
+    """ResNet/MobileNet/DCGAN-like geometries; conv in both layouts; ``impl="auto"`` throughout."""
     same = ((1, 1), (1, 1))
     return [
         OverheadCase(
@@ -781,9 +780,9 @@ def markdown_table(head: Sequence[str], rows: Sequence[Sequence]) -> str:
     return "\n".join(lines)
 
 
-def overhead_table(rows: list[dict], auto: str) -> str:
+def overhead_table(rows: list[dict]) -> str:
     head = ["op", "lax fwd ms", "cnnjax fwd ms", "fwd ratio", "noise (lax/lax)", "same HLO", "lax fwd+bwd ms"]
-    head += [f"cnnjax fwd+bwd ms (vjp={auto})", "fwd+bwd ratio"]
+    head += ["cnnjax fwd+bwd ms (impl=auto)", "fwd+bwd ratio"]
     keys = ["op", "lax_fwd_ms", "cnnjax_fwd_ms", "fwd_ratio", "fwd_noise", "same_hlo", "lax_fwd_bwd_ms"]
     keys += ["cnnjax_fwd_bwd_ms", "fwd_bwd_ratio"]
     return markdown_table(head, [[r[k] for k in keys] for r in rows])
@@ -931,7 +930,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         jax.config.update("jax_default_matmul_precision", "tensorfloat32")
     runtime, settings = (None, {}) if args.no_torch else torch_runtime(backend, threads, args.torch_channels_last)
     settings |= {"rounds": args.rounds, "min_sample_ms": args.min_sample_ms, "batch_scale": args.batch_scale}
-    settings["vjp_auto"] = {op: resolve_vjp("auto", op) for op in ("conv", "conv_transpose", "max_pool", "avg_pool")}
     info = machine_info(backend, threads)
     timer = Timer(args.rounds, args.min_sample_ms / 1e3)
     report = {"machine": info, "settings": settings, "command": command}
@@ -941,7 +939,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "overhead": (
             "Overhead: cnnjax against the bare lax call it wraps (jitted)",
             lambda: overhead_rows(args, gpu, timer),
-            lambda rows: overhead_table(rows, settings["vjp_auto"]["conv"]),
+            overhead_table,
         ),
         "layers": (
             f"Layers ({args.layer_dtype}): cnnjax.nn against flax.nnx and PyTorch",

@@ -3,15 +3,16 @@
 For a table of layer shapes from LeNet-5, ResNet-18 (CIFAR and ImageNet), MobileNet (depthwise)
 and the three shapes quoted in issue #3, times the jitted forward + backward (``jax.vjp`` then the cotangent: output,
 input gradient and, for convs, kernel gradient) of ``cnnjax.conv`` / ``max_pool`` / ``avg_pool``
-under ``vjp="xla"`` and ``vjp="closed_form"``, and PyTorch's ``forward`` + ``backward`` on the same
+under ``impl="lax"`` (JAX's autodiff of lax), ``impl="closed_form"`` (cnnjax's primitives lowered
+to the notes' formulas) and ``impl="auto"`` (the same primitives lowered to this backend's
+schedules: on CPU ``cnnjax._cpu``), and PyTorch's ``forward`` + ``backward`` on the same
 shapes in its default NCHW layout and in ``channels_last`` (the NHWC memory layout cnnjax uses),
 with as many threads as JAX's CPU backend (one per core here). Every function is warmed up
-(compiled) first; then all four are timed in one round-robin, ``--rounds`` samples each of at
+(compiled) first; then all five are timed in one round-robin, ``--rounds`` samples each of at
 least ``--min-sample-ms``, with ``bench.Timer`` (the same timer as ``bench.py``: a short pause
 before every sample, so that neither framework's spinning worker threads slow the other's next
-call), and the medians are reported: a busy machine slows all of them alike. The ``auto``
-column is what ``vjp="auto"`` picks on this backend (``cnnjax.backprop._AUTO``); ratios are
-against ``auto``.
+call), and the medians are reported: a busy machine slows all of them alike. Ratios are
+``auto`` against ``lax`` and against PyTorch.
 
 Run (from the repository root, on an otherwise idle machine):
 
@@ -21,9 +22,8 @@ Run (from the repository root, on an otherwise idle machine):
     python experiments/bench_backprop.py --parts         # conv layers: forward, input and kernel gradient apart
 
 ``--parts`` times, for every conv layer of the table, the three pieces of its forward+backward one at a
-time, each jitted alone: the closed-form forward (``cnnjax.conv(..., vjp="closed_form")``), input
-gradient (``cnnjax.backprop.conv_input_grad``) and kernel gradient (``conv_kernel_grad``), the functions
-``vjp="closed_form"`` runs, against PyTorch's forward (under ``no_grad``) and
+time, each jitted alone: cnnjax's three conv primitives (forward, input gradient, kernel gradient)
+with ``impl="auto"``, the programs a training step runs, against PyTorch's forward (under ``no_grad``) and
 ``torch.ops.aten.convolution_backward`` asked for one gradient at a time (NCHW). It shows which piece a
 gap to PyTorch is in.
 """
@@ -40,7 +40,8 @@ import jax
 import numpy as np
 from bench import Timer
 
-from cnnjax.backprop import conv_input_grad, conv_kernel_grad, resolve_vjp
+from cnnjax import _primitives
+from cnnjax._canon import Layout, conv_geometry
 from cnnjax.convolution import conv
 from cnnjax.pooling import avg_pool, max_pool
 
@@ -92,19 +93,22 @@ CASES = (
 )
 
 
-def jax_forward(case: Case, vjp: str):
-    """The cnnjax op of ``case`` under ``vjp``, as a function of its array inputs."""
+IMPLS = ("lax", "closed_form", "auto")
+
+
+def jax_forward(case: Case, impl: str):
+    """The cnnjax op of ``case`` under ``impl``, as a function of its array inputs."""
     if case.op == "conv":
         return lambda x, kernel: conv(
-            x, kernel, strides=case.strides, padding=case.padding, feature_group_count=case.groups, vjp=vjp
+            x, kernel, strides=case.strides, padding=case.padding, feature_group_count=case.groups, impl=impl
         )
     pool = max_pool if case.op == "max_pool" else avg_pool
-    return lambda x: pool(x, case.window, case.strides, case.padding, vjp=vjp)
+    return lambda x: pool(x, case.window, case.strides, case.padding, impl=impl)
 
 
-def jax_step(case: Case, vjp: str, inputs):
+def jax_step(case: Case, impl: str, inputs):
     """A zero-argument jitted forward+backward (output and every input's gradient), blocked on."""
-    forward = jax_forward(case, vjp)
+    forward = jax_forward(case, impl)
     dy = jax.random.normal(jax.random.key(2), jax.eval_shape(forward, *inputs).shape)
 
     @jax.jit
@@ -171,30 +175,28 @@ def warm_up(steps: dict) -> None:
 
 
 def bench_case(case: Case, timer: Timer, with_torch: bool) -> dict:
-    """Milliseconds per method for one case, plus the ``auto`` choice. All methods are timed in
-    one round-robin (``bench.Timer``: a pause before every sample, so that neither framework's
-    spinning worker threads slow the other's next call)."""
+    """Milliseconds per method for one case. All methods are timed in one round-robin
+    (``bench.Timer``: a pause before every sample, so that neither framework's spinning worker
+    threads slow the other's next call)."""
     inputs = jax_inputs(case)
-    steps = {vjp: jax_step(case, vjp, inputs) for vjp in ("xla", "closed_form")}
+    steps = {impl: jax_step(case, impl, inputs) for impl in IMPLS}
     if with_torch:
         steps |= {"torch": torch_step(case, channels_last=False), "torch_cl": torch_step(case, channels_last=True)}
     warm_up(steps)
-    ms = timer.median_ms(steps)
-    auto = resolve_vjp("auto", "conv" if case.op == "conv" else case.op)
-    return {"model": case.model, "layer": case.label, **ms, "auto": ms[auto], "auto_is": auto}
+    return {"model": case.model, "layer": case.label, **timer.median_ms(steps)}
 
 
 PARTS = ("forward", "input_grad", "kernel_grad")
 
 
 def jax_parts(case: Case, inputs) -> dict:
-    """Zero-argument jitted steps, blocked on, for the closed-form forward and each gradient of a conv case."""
+    """Zero-argument jitted steps, blocked on, for each conv primitive of a conv case (``impl="auto"``)."""
     x, kernel = inputs
-    geometry = {"strides": case.strides, "padding": case.padding, "feature_group_count": case.groups}
-    forward = jax.jit(jax_forward(case, "closed_form"))
+    g = conv_geometry("bench", x.shape, kernel.shape, Layout(True, 2), case.strides, case.padding, 1, case.groups)
+    forward = jax.jit(lambda x, kernel: _primitives.conv(x, kernel, g, None, "auto"))
     dy = jax.random.normal(jax.random.key(2), jax.eval_shape(forward, x, kernel).shape)
-    input_grad = jax.jit(lambda dy, kernel: conv_input_grad(dy, kernel, x.shape, **geometry))
-    kernel_grad = jax.jit(lambda x, dy: conv_kernel_grad(x, dy, kernel.shape, **geometry))
+    input_grad = jax.jit(lambda dy, kernel: _primitives.conv_input_grad(dy, kernel, g, None, "auto"))
+    kernel_grad = jax.jit(lambda x, dy: _primitives.conv_kernel_grad(x, dy, g, None, "auto"))
     return {
         "forward": lambda: jax.block_until_ready(forward(x, kernel)),
         "input_grad": lambda: jax.block_until_ready(input_grad(dy, kernel)),
@@ -247,19 +249,19 @@ def ratio(a, b) -> str:
 
 
 def markdown(rows: list[dict], with_torch: bool) -> str:
-    head = ["model", "layer (NHWC)", "xla ms", "closed_form ms", "auto"]
+    head = ["model", "layer (NHWC)", "lax ms", "closed_form ms", "auto ms"]
     if with_torch:
-        head += ["torch ms", "torch CL ms", "auto / xla", "auto / torch", "auto / torch CL"]
+        head += ["torch ms", "torch CL ms", "auto / lax", "auto / torch", "auto / torch CL"]
     else:
-        head += ["auto / xla"]
+        head += ["auto / lax"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["model"], r["layer"], f"{r['xla']:.1f}", f"{r['closed_form']:.1f}", r["auto_is"]]
+        cells = [r["model"], r["layer"], f"{r['lax']:.1f}", f"{r['closed_form']:.1f}", f"{r['auto']:.1f}"]
         if with_torch:
-            cells += [f"{r['torch']:.1f}", f"{r['torch_cl']:.1f}", ratio(r["auto"], r["xla"])]
+            cells += [f"{r['torch']:.1f}", f"{r['torch_cl']:.1f}", ratio(r["auto"], r["lax"])]
             cells += [ratio(r["auto"], r["torch"]), ratio(r["auto"], r["torch_cl"])]
         else:
-            cells += [ratio(r["auto"], r["xla"])]
+            cells += [ratio(r["auto"], r["lax"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -308,7 +310,7 @@ def main(argv=None) -> None:
     rows = []
     for case in cases:
         rows.append(measure(case, Timer(rounds, args.min_sample_ms / 1e3), with_torch))
-        times = {k: v for k, v in rows[-1].items() if isinstance(v, float) and k != "auto"}
+        times = {k: v for k, v in rows[-1].items() if isinstance(v, float)}
         print(f"  {case.model:20s} {case.label:45s} " + " ".join(f"{k}={v:.2f}" for k, v in times.items()), flush=True)
     print()
     print(table(rows, with_torch))

@@ -1,4 +1,9 @@
-"""cnnjax.backprop: the notes' closed-form gradients equal JAX's autodiff (and PyTorch's)."""
+"""cnnjax.backprop: the notes' closed-form gradients equal JAX's autodiff (and PyTorch's).
+
+Each formula is checked through the public gradient functions and through the primitives that
+use it as a derivative rule (the public ops with ``impl="closed_form"``: the formulas, and
+``impl="auto"``: on CPU the schedules of ``cnnjax._cpu``), against JAX's autodiff of lax.
+"""
 
 import functools
 import itertools
@@ -12,27 +17,23 @@ from hypothesis import strategies as st
 from jax import lax
 from jax.test_util import check_grads
 
-from cnnjax import backprop
 from cnnjax._canon import Layout
+from cnnjax._cpu import _UNROLLED_MAX_GROUP_CHANNELS
 from cnnjax.backprop import (
-    _UNROLLED_MAX_GROUP_CHANNELS,
     avg_pool_grad,
     conv_bias_grad,
-    conv_closed_form,
     conv_input_grad,
     conv_kernel_grad,
     dense_backward,
     dense_grads,
-    max_pool_closed_form,
     max_pool_grad,
-    resolve_vjp,
-    sum_pool_closed_form,
 )
 from cnnjax.convolution import conv, conv_transpose
-from cnnjax.pooling import avg_pool, max_pool
+from cnnjax.pooling import avg_pool, max_pool, sum_pool
 from cnnjax.shapes import resolve_padding
 
 LAYOUT_NAMES = {True: "NHWC", False: "NCHW"}
+CLOSED_FORMS = ("auto", "closed_form")  # the impls that bind cnnjax's primitives
 
 
 def assert_close(actual, expected, rtol=2e-5):
@@ -167,118 +168,27 @@ def test_conv_grads_equal_autodiff(geometry, kind, seed):
         "feature_group_count": groups,
         "layout": LAYOUT_NAMES[layout.channels_last],
     }
-    closed = functools.partial(
-        conv_closed_form,
-        strides=strides,
-        padding=pairs,
-        kernel_dilation=dilation,
-        feature_group_count=groups,
-        layout=layout,
-    )
 
     @jax.jit
     def run(x, kernel, dy):
         y, vjp = jax.vjp(reference, x, kernel)
-        y_closed, vjp_closed = jax.vjp(closed, x, kernel)
+        closed = [jax.vjp(functools.partial(conv, **geometry_args, impl=impl), x, kernel) for impl in CLOSED_FORMS]
         dx = conv_input_grad(dy, kernel, x.shape, **geometry_args)
         dk = conv_kernel_grad(x, dy, kernel.shape, **geometry_args)
-        return (y, *vjp(dy)), (y_closed, *vjp_closed(dy)), (dx, dk)
+        return (y, *vjp(dy)), [(y_closed, *vjp_closed(dy)) for y_closed, vjp_closed in closed], (dx, dk)
 
-    (y, dx_ref, dk_ref), (y_closed, dx_closed, dk_closed), (dx, dk) = run(x, kernel, dy)
-    assert_close(y_closed, y)
-    for actual in (dx, dx_closed):
-        assert actual.shape == x.shape
-        assert_close(actual, dx_ref)
-    for actual in (dk, dk_closed):
-        assert actual.shape == kernel.shape
-        assert_close(actual, dk_ref)
-
-
-# Products this big (>= backprop._SLAB_MIN_SIZE elements) are summed in slabs before the
-# reduction; odd sizes leave a short last slab, padded with zeros.
-@pytest.mark.parametrize(
-    "layout, groups, cig, cog, strides",
-    [("NHWC", 16, 1, 1, 1), ("NHWC", 8, 1, 2, 2), ("NCHW", 16, 1, 1, 1), ("NCHW", 8, 2, 1, 2)],
-)
-def test_depthwise_kernel_grad_in_slabs_equals_autodiff(layout, groups, cig, cog, strides):
-    lay = Layout(layout == "NHWC", 2)
-    rng = np.random.default_rng(groups + cig + cog + strides)
-    x = jnp.asarray(rng.normal(size=lay.shape(3 * strides**2, (61, 63), groups * cig)), jnp.float32)
-    kshape = (3, 3, cig, groups * cog) if lay.channels_last else (groups * cog, cig, 3, 3)
-    kernel = jnp.asarray(rng.normal(size=kshape), jnp.float32)
-    geometry = {"strides": (strides,) * 2, "padding": 1, "feature_group_count": groups, "layout": layout}
-    y, vjp = jax.vjp(lambda x, k: conv(x, k, **geometry, vjp="xla"), x, kernel)
-    assert y.size * cig >= backprop._SLAB_MIN_SIZE  # the slab path is taken
-    dy = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
-    dx_ref, dk_ref = vjp(dy)
-    y_closed, vjp_closed = jax.vjp(lambda x, k: conv(x, k, **geometry, vjp="closed_form"), x, kernel)
-    dx, dk = vjp_closed(dy)
-    assert_close(y_closed, y)
-    assert_close(dx, dx_ref)
-    assert_close(dk, dk_ref, rtol=1e-4)  # sums of 6,000 products in another order
+    (y, dx_ref, dk_ref), closed, (dx, dk) = run(x, kernel, dy)
+    for y_closed, dx_closed, dk_closed in closed:
+        assert_close(y_closed, y)
+        for actual in (dx, dx_closed):
+            assert actual.shape == x.shape
+            assert_close(actual, dx_ref)
+        for actual in (dk, dk_closed):
+            assert actual.shape == kernel.shape
+            assert_close(actual, dk_ref)
 
 
-# Few input channels: the input gradient folds the last axis's taps (every axis's, with one
-# channel) into the channels; the leading axes need stride 1, else the phase form runs.
-@pytest.mark.parametrize("layout", ["NWC", "NCW", "NHWC", "NCHW", "NDHWC", "NCDHW"])
-@pytest.mark.parametrize("cin, strides, dilation", [(1, 2, 1), (3, 1, 2), (3, "last", 1), (5, 2, 1)])
-def test_conv_input_grad_with_few_input_channels_equals_autodiff(layout, cin, strides, dilation):
-    rank = len(layout) - 2
-    lay = Layout(layout.endswith("C"), rank)
-    strides = (1,) * (rank - 1) + (2,) if strides == "last" else strides  # stride 2 on the folded axis
-    rng = np.random.default_rng(cin * rank)
-    x = jnp.asarray(rng.normal(size=lay.shape(2, (9, 8, 7)[:rank], cin)), jnp.float32)
-    window = (3, 2, 3)[:rank]
-    kernel = jnp.asarray(rng.normal(size=(*window, cin, 4) if lay.channels_last else (4, cin, *window)), jnp.float32)
-    geometry = {"strides": strides, "padding": ((1, 2),) * rank, "kernel_dilation": dilation, "layout": layout}
-    y, vjp = jax.vjp(lambda x: conv(x, kernel, **geometry, vjp="xla"), x)
-    dy = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
-    assert_close(conv_input_grad(dy, kernel, x.shape, **geometry), vjp(dy)[0])
-
-
-# A padded per-tap conv is its interior (slices of x) padded with zeros, with each border strip
-# correlated from its own few padded input rows and written over that; without padding, or with
-# no interior, it is one sum over a padded copy. Every form equals XLA's convolution.
-@pytest.mark.parametrize("layout", ["NWC", "NCW", "NHWC", "NCHW", "NDHWC", "NCDHW"])
-@pytest.mark.parametrize(
-    "groups, cig, cog, strides, padding, dilation",
-    [
-        (4, 1, 1, 1, ((1, 1),), 1),  # depthwise "same"
-        (4, 1, 2, 2, ((2, 1),), 1),  # channel multiplier, stride, uneven padding
-        (2, 2, 1, 1, ((3, 0),), 2),  # two channels per group, dilation, one-sided padding
-        (1, 1, 3, 2, ((1, 2),), 1),  # one input channel (LeNet's first layer)
-        (3, 1, 1, 1, ((-1, 2),), 1),  # a crop on one side, padding on the other
-        (3, 1, 1, 1, ((0, 0),), 1),  # no border: built in halves
-        (3, 1, 1, 1, ((4, 4),), 5),  # no interior: the dilated window is wider than x
-        (3, 1, 1, 3, ((0, 3),), 1),  # a border strip that reads only padding
-    ],
-)
-def test_unrolled_correlate_equals_xla(layout, groups, cig, cog, strides, padding, dilation):
-    rank = len(layout) - 2
-    lay = Layout(layout.endswith("C"), rank)
-    rng = np.random.default_rng(groups * cig * cog + rank)
-    x = jnp.asarray(rng.normal(size=lay.shape(2, (9, 8, 7)[:rank], groups * cig)), jnp.float32)
-    window = (3, 2, 3)[:rank]
-    kshape = (*window, cig, groups * cog) if lay.channels_last else (groups * cog, cig, *window)
-    kernel = jnp.asarray(rng.normal(size=kshape), jnp.float32)
-    geometry = ((strides,) * rank, padding * rank, (dilation,) * rank, groups, lay)
-    expected = lax.conv_general_dilated(
-        x,
-        kernel,
-        geometry[0],
-        geometry[1],
-        rhs_dilation=geometry[2],
-        dimension_numbers=lay.dimension_numbers,
-        feature_group_count=groups,
-        precision="highest",
-    )
-    for buffered in (True, False):
-        assert_close(
-            jax.jit(lambda x, k, b=buffered: backprop._unrolled_correlate(x, k, *geometry, b))(x, kernel), expected
-        )
-
-
-def test_conv_bias_grad_in_slabs():
+def test_conv_bias_grad_of_a_large_array():
     dy = jnp.asarray(np.random.default_rng(0).normal(size=(5, 33, 35, 16)), jnp.float32)
     assert_close(conv_bias_grad(dy), np.asarray(dy, np.float64).sum(axis=(0, 1, 2)), rtol=1e-4)
 
@@ -286,20 +196,14 @@ def test_conv_bias_grad_in_slabs():
 def test_conv_whose_taps_meet_only_padding_is_zero():
     # one input position, kernel 1, stride 2, padding 1: output 0 reads x[-1], output 1 reads x[1]
     x, kernel = jnp.ones((1, 1, 2)), jnp.ones((1, 1, 2))
-    for vjp in ("xla", "closed_form"):
+    for impl in ("lax", *CLOSED_FORMS):
         y, pullback = jax.vjp(
-            lambda x, k, vjp=vjp: conv(x, k, strides=2, padding=1, feature_group_count=2, layout="NWC", vjp=vjp),
+            lambda x, k, impl=impl: conv(x, k, strides=2, padding=1, feature_group_count=2, layout="NWC", impl=impl),
             x,
             kernel,
         )
         dx, dk = pullback(jnp.ones_like(y))
         assert y.shape == (1, 2, 2) and not np.any(y) and not np.any(dx) and not np.any(dk)
-
-
-def test_in_halves_survives_xla():
-    # the concatenate that makes XLA write a result to memory must not be optimized away
-    hlo = jax.jit(lambda a: jnp.sum(backprop._in_halves(lambda lo, hi: jnp.sin(a[:, lo:hi]), 64) ** 2))
-    assert "concatenate" in hlo.lower(jnp.ones((64, 64))).compile().as_text()
 
 
 @pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
@@ -355,23 +259,26 @@ def test_max_pool_grad_routes_to_first_max(geometry, strided, seed):
         lax_max_pool, window=window, strides=step, pairs=pairs, dilation=dilation, layout=layout
     )
     dy = jnp.asarray(rng.normal(size=jax.eval_shape(forward, x).shape), jnp.float32)
-    closed = functools.partial(
-        max_pool_closed_form, window_shape=window, strides=step, padding=pairs, window_dilation=dilation, layout=layout
-    )
+    name = LAYOUT_NAMES[layout.channels_last]
 
     @jax.jit
     def run(x, dy):
-        y_closed, vjp_closed = jax.vjp(closed, x)
-        dx = max_pool_grad(
-            x, dy, window, strides, padding, window_dilation=dilation, layout=LAYOUT_NAMES[layout.channels_last]
-        )
-        return forward(x), y_closed, vjp_closed(dy)[0], dx
+        closed = [
+            jax.vjp(
+                lambda x, i=impl: max_pool(x, window, strides, padding, window_dilation=dilation, layout=name, impl=i),
+                x,
+            )
+            for impl in CLOSED_FORMS
+        ]
+        dx = max_pool_grad(x, dy, window, strides, padding, window_dilation=dilation, layout=name)
+        return forward(x), [(y_closed, vjp_closed(dy)[0]) for y_closed, vjp_closed in closed], dx
 
-    y, y_closed, dx_closed, dx = run(x, dy)
+    y, closed, dx = run(x, dy)
     expected = numpy_max_pool_grad(x, dy, window, step, pairs, dilation, layout)
-    np.testing.assert_array_equal(y_closed, y)
     assert_close(dx, expected)
-    assert_close(dx_closed, expected)
+    for y_closed, dx_closed in closed:
+        np.testing.assert_array_equal(y_closed, y)
+        assert_close(dx_closed, expected)
     if all(d == 1 for d in dilation):  # jax.vjp of reduce_window max has no window dilation
         assert_close(dx, jax.jit(lambda x, dy: jax.vjp(forward, x)[1](dy)[0])(x, dy))
 
@@ -409,11 +316,14 @@ def test_avg_and_sum_pool_grads_equal_autodiff(geometry, strided, count_include_
         return total(x) / divisor
 
     dy = jnp.asarray(rng.normal(size=jax.eval_shape(total, x).shape), jnp.float32)
-    closed = functools.partial(sum_pool_closed_form, window_shape=window, strides=step, padding=pairs, layout=layout)
+    name = LAYOUT_NAMES[layout.channels_last]
 
     @jax.jit
     def run(x, dy):
-        y_closed, vjp_closed = jax.vjp(closed, x)
+        closed = [
+            jax.vjp(lambda x, i=impl: sum_pool(x, window, strides, padding, layout=name, impl=i), x)
+            for impl in CLOSED_FORMS
+        ]
         y, vjp = jax.vjp(total, x)
         dx_avg = avg_pool_grad(
             dy,
@@ -422,57 +332,53 @@ def test_avg_and_sum_pool_grads_equal_autodiff(geometry, strided, count_include_
             strides,
             padding,
             count_include_pad=count_include_pad,
-            layout=LAYOUT_NAMES[layout.channels_last],
+            layout=name,
         )
-        return y, y_closed, vjp(dy)[0], vjp_closed(dy)[0], jax.vjp(average, x)[1](dy)[0], dx_avg
+        closed = [(y_closed, vjp_closed(dy)[0]) for y_closed, vjp_closed in closed]
+        return y, closed, vjp(dy)[0], jax.vjp(average, x)[1](dy)[0], dx_avg
 
-    y, y_closed, dx_sum, dx_sum_closed, dx_avg_ref, dx_avg = run(x, dy)
-    assert_close(y_closed, y)
-    assert_close(dx_sum_closed, dx_sum)
+    y, closed, dx_sum, dx_avg_ref, dx_avg = run(x, dy)
+    for y_closed, dx_sum_closed in closed:
+        assert_close(y_closed, y)
+        assert_close(dx_sum_closed, dx_sum)
     assert_close(dx_avg, dx_avg_ref)
 
 
 # ---------------------------------------------------------------------------------------------
-# Higher order: the rules are differentiable, so reverse-over-reverse works.
+# Higher order: the rules are the primitives' own, so both modes work to any order.
 
 
-def test_check_grads_conv_closed_form_second_order():
+@pytest.mark.parametrize("impl", CLOSED_FORMS)
+def test_check_grads_conv_second_order(impl):
     rng = np.random.default_rng(0)
-    layout = Layout(True, 2)
     x = jnp.asarray(rng.normal(size=(2, 5, 6, 4)))
     kernel = jnp.asarray(rng.normal(size=(3, 2, 4, 4)) * 0.5)
     for groups in (1, 2):
         f = functools.partial(
-            conv_closed_form,
+            conv,
             strides=(2, 1),
             padding=((1, 1), (0, 1)),
             kernel_dilation=(1, 2),
             feature_group_count=groups,
-            layout=layout,
+            impl=impl,
         )
         k = kernel[:, :, : 4 // groups, :]
-        check_grads(f, (x, k), order=2, modes=["rev"], eps=1e-2, atol=3e-2, rtol=3e-2)
+        check_grads(f, (x, k), order=2, modes=["fwd", "rev"], eps=1e-2, atol=3e-2, rtol=3e-2)
 
 
-@pytest.mark.parametrize("channels_last", [True, False])
-def test_check_grads_pools_second_order(channels_last):
-    layout = Layout(channels_last, 2)
-    x = jnp.asarray(
-        np.random.default_rng(1).permutation(2 * 5 * 5 * 3).reshape(layout.shape(2, (5, 5), 3)) / 7.0
-    )  # distinct
-    pairs = ((1, 0), (0, 1))
-    max_pool = functools.partial(
-        max_pool_closed_form, window_shape=(2, 3), strides=(2, 1), padding=pairs, window_dilation=(1, 1), layout=layout
-    )
-    sum_pool = functools.partial(
-        sum_pool_closed_form, window_shape=(2, 3), strides=(2, 1), padding=pairs, layout=layout
-    )
-    for f in (max_pool, sum_pool):
-        check_grads(f, (x,), order=2, modes=["rev"], eps=1e-2)  # inputs are 1/7 apart: eps never moves a max
+@pytest.mark.parametrize("impl", CLOSED_FORMS)
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+def test_check_grads_pools_second_order(layout, impl):
+    lay = Layout(layout == "NHWC", 2)
+    x = jnp.asarray(np.random.default_rng(1).permutation(2 * 5 * 5 * 3).reshape(lay.shape(2, (5, 5), 3)) / 7.0)
+    geometry = {"window_shape": (2, 3), "strides": (2, 1), "padding": ((1, 0), (0, 1)), "layout": layout, "impl": impl}
+    for pool in (max_pool, sum_pool):
+        # inputs are 1/7 apart: eps never moves a max
+        check_grads(functools.partial(pool, **geometry), (x,), order=2, modes=["fwd", "rev"], eps=1e-2)
 
 
 def test_closed_form_gradients_are_differentiable_in_both_modes():
-    """The formulas themselves (not the custom_vjp wrapper) support fwd and rev mode, order 2."""
+    """The public gradient functions support fwd and rev mode, order 2."""
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.normal(size=(1, 5, 4, 2)))
     kernel = jnp.asarray(rng.normal(size=(2, 2, 2, 3)))
@@ -486,63 +392,43 @@ def test_closed_form_gradients_are_differentiable_in_both_modes():
     check_grads(pool_grad, (jnp.asarray(rng.normal(size=(1, 5, 4, 2))),), order=2, modes=["fwd", "rev"])
 
 
-def test_second_derivative_matches_autodiff():
+@pytest.mark.parametrize("impl", CLOSED_FORMS)
+def test_second_derivative_matches_autodiff(impl):
     rng = np.random.default_rng(3)
-    layout = Layout(False, 2)
     x = jnp.asarray(rng.normal(size=(2, 2, 6, 6)), jnp.float32)
     kernel = jnp.asarray(rng.normal(size=(3, 2, 3, 3)), jnp.float32)
-    pairs = ((1, 1), (1, 1))
+    geometry = {"strides": 2, "padding": 1, "layout": "NCHW"}
 
-    def loss(conv, x, kernel):
-        return jnp.sum(jnp.tanh(conv(x, kernel)) ** 2)
+    def loss(conv_fn, x, kernel):
+        return jnp.sum(jnp.tanh(conv_fn(x, kernel)) ** 2)
 
-    closed = functools.partial(
-        conv_closed_form, strides=(2, 2), padding=pairs, kernel_dilation=(1, 1), feature_group_count=1, layout=layout
-    )
-    reference = functools.partial(lax_conv, strides=(2, 2), pairs=pairs, dilation=(1, 1), groups=1, layout=layout)
+    def outer(impl):  # d/dkernel of |d loss / dx|^2: reverse over reverse
+        conv_fn = functools.partial(conv, **geometry, impl=impl)
+        return jax.grad(lambda k: jnp.sum(jax.grad(loss, argnums=1)(conv_fn, x, k) ** 2))(kernel)
 
-    def outer(conv):  # d/dkernel of |d loss / dx|^2: reverse over reverse
-        return jax.grad(lambda k: jnp.sum(jax.grad(loss, argnums=1)(conv, x, k) ** 2))(kernel)
-
-    assert_close(outer(closed), outer(reference), rtol=1e-4)
+    assert_close(outer(impl), outer("lax"), rtol=1e-4)
 
 
-def test_forward_mode_through_custom_vjp_raises_clear_error():
-    closed = functools.partial(
-        conv_closed_form,
-        strides=(1,),
-        padding=((0, 0),),
-        kernel_dilation=(1,),
-        feature_group_count=1,
-        layout=Layout(True, 1),
-    )
-    x, kernel = jnp.ones((1, 4, 1)), jnp.ones((2, 1, 1))
-    with pytest.raises(TypeError, match="forward-mode"):
-        jax.jvp(closed, (x, kernel), (x, kernel))
-
-
-def test_closed_form_composes_with_jit_and_vmap():
-    layout = Layout(True, 1)
-    closed = functools.partial(
-        conv_closed_form, strides=(2,), padding=((1, 1),), kernel_dilation=(1,), feature_group_count=1, layout=layout
-    )
-    reference = functools.partial(lax_conv, strides=(2,), pairs=((1, 1),), dilation=(1,), groups=1, layout=layout)
+@pytest.mark.parametrize("impl", CLOSED_FORMS)
+def test_closed_form_composes_with_jit_and_vmap(impl):
     rng = np.random.default_rng(4)
     xs = jnp.asarray(rng.normal(size=(3, 2, 7, 2)), jnp.float32)
     kernel = jnp.asarray(rng.normal(size=(3, 2, 4)), jnp.float32)
 
-    def per_example(conv):
-        return jax.jit(jax.vmap(jax.grad(lambda x, k: jnp.sum(jnp.sin(conv(x, k))), argnums=1), in_axes=(0, None)))
+    def per_example(impl):
+        conv_fn = functools.partial(conv, strides=2, padding=1, impl=impl)
+        return jax.jit(jax.vmap(jax.grad(lambda x, k: jnp.sum(jnp.sin(conv_fn(x, k))), argnums=1), in_axes=(0, None)))
 
-    assert_close(per_example(closed)(xs, kernel), per_example(reference)(xs, kernel))
+    assert_close(per_example(impl)(xs, kernel), per_example("lax")(xs, kernel))
 
 
 # ---------------------------------------------------------------------------------------------
-# Through the public ops: conv(..., vjp=...), max_pool/avg_pool(..., vjp=...).
+# Through the public ops: conv(..., impl=...), max_pool/avg_pool(..., impl=...).
 
 
 @pytest.mark.parametrize("seed", range(8))
-def test_public_conv_vjp_modes_agree(seed):
+@pytest.mark.parametrize("impl", CLOSED_FORMS)
+def test_public_conv_impls_agree(seed, impl):
     rng = np.random.default_rng(300 + seed)
     rank = int(rng.integers(1, 3))
     layout = str(rng.choice(["NHWC", "NCHW"]))
@@ -559,7 +445,7 @@ def test_public_conv_vjp_modes_agree(seed):
     x, kernel = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in (x_shape, k_shape))
     bias = jnp.asarray(rng.normal(size=(c_out,)), jnp.float32)
 
-    def grads(vjp):
+    def grads(impl):
         def loss(x, kernel, bias):
             y = conv(
                 x,
@@ -571,23 +457,24 @@ def test_public_conv_vjp_modes_agree(seed):
                 feature_group_count=groups,
                 padding_mode=padding_mode,
                 layout=layout,
-                vjp=vjp,
+                impl=impl,
             )
             return jnp.sum(jnp.sin(y))
 
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(x, kernel, bias)
 
-    (value, got), (want_value, want) = grads("closed_form"), grads("xla")
+    (value, got), (want_value, want) = grads(impl), grads("lax")
     assert_close(value, want_value)
     for g, w in zip(got, want, strict=True):
         assert_close(g, w, rtol=1e-4)
 
 
 @pytest.mark.parametrize("seed", range(16))
-def test_public_conv_transpose_vjp_modes_agree(seed):
-    # conv_transpose(..., vjp="closed_form") is the conv input-gradient core; its VJP is conv
-    # (input) and the conv kernel-gradient core (kernel): values and both gradients must equal
-    # JAX's autodiff of the input-dilated conv (vjp="xla").
+@pytest.mark.parametrize("impl", CLOSED_FORMS)
+def test_public_conv_transpose_impls_agree(seed, impl):
+    # conv_transpose with a cnnjax primitive is the conv input-gradient primitive; its transposes
+    # are conv (input) and the conv kernel-gradient primitive (kernel): values and both gradients
+    # must equal JAX's autodiff of the input-dilated conv (impl="lax").
     rng = np.random.default_rng(500 + seed)
     rank = int(rng.integers(1, 3))
     layout = str(rng.choice(["NHWC", "NCHW"]))
@@ -616,8 +503,8 @@ def test_public_conv_transpose_vjp_modes_agree(seed):
         "layout": layout,
     }
 
-    want, want_vjp = jax.vjp(functools.partial(conv_transpose, **geometry, vjp="xla"), x, kernel)
-    got, got_vjp = jax.vjp(functools.partial(conv_transpose, **geometry, vjp="closed_form"), x, kernel)
+    want, want_vjp = jax.vjp(functools.partial(conv_transpose, **geometry, impl="lax"), x, kernel)
+    got, got_vjp = jax.vjp(functools.partial(conv_transpose, **geometry, impl=impl), x, kernel)
     assert got.shape == want.shape
     assert_close(got, want, rtol=1e-4)
     cotangent = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
@@ -626,7 +513,8 @@ def test_public_conv_transpose_vjp_modes_agree(seed):
 
 
 @pytest.mark.parametrize("seed", range(8))
-def test_public_pool_vjp_modes_agree(seed):
+@pytest.mark.parametrize("impl", CLOSED_FORMS)
+def test_public_pool_impls_agree(seed, impl):
     rng = np.random.default_rng(400 + seed)
     rank = int(rng.integers(1, 4))
     layout = str(rng.choice(["NHWC", "NCHW"]))
@@ -638,9 +526,9 @@ def test_public_pool_vjp_modes_agree(seed):
     shape = (2, *sizes, 3) if layout == "NHWC" else (2, 3, *sizes)
     x = jnp.asarray(rng.integers(0, 4, size=shape), jnp.float32)  # ties
 
-    def grads(vjp):
+    def grads(impl):
         def loss(x):
-            high = max_pool(x, window, strides, padding, ceil_mode=ceil_mode, layout=layout, vjp=vjp)
+            high = max_pool(x, window, strides, padding, ceil_mode=ceil_mode, layout=layout, impl=impl)
             mean = avg_pool(
                 x,
                 window,
@@ -649,41 +537,39 @@ def test_public_pool_vjp_modes_agree(seed):
                 ceil_mode=ceil_mode,
                 count_include_pad=count_include_pad,
                 layout=layout,
-                vjp=vjp,
+                impl=impl,
             )
             return jnp.sum(jnp.sin(high)) + jnp.sum(jnp.cos(mean))
 
         return jax.jit(jax.value_and_grad(loss))(x)
 
-    (value, got), (want_value, want) = grads("closed_form"), grads("xla")
+    (value, got), (want_value, want) = grads(impl), grads("lax")
     assert_close(value, want_value)
     assert_close(got, want)
 
 
-def test_check_grads_public_ops_second_order():
+@pytest.mark.parametrize("impl", CLOSED_FORMS)
+def test_check_grads_public_ops_second_order(impl):
     rng = np.random.default_rng(7)
     x = jnp.asarray(rng.normal(size=(2, 5, 6, 4)), jnp.float32)
     kernel = jnp.asarray(rng.normal(size=(3, 3, 2, 4)) * 0.5, jnp.float32)
-    closed_conv = functools.partial(conv, strides=2, padding="SAME", feature_group_count=2, vjp="closed_form")
-    check_grads(closed_conv, (x, kernel), order=2, modes=["rev"], eps=1e-2, atol=3e-2, rtol=3e-2)
-    transpose = functools.partial(conv_transpose, strides=2, padding=1, vjp="xla")
-    check_grads(transpose, (x, kernel), order=2, modes=["fwd", "rev"], eps=1e-2, atol=3e-2, rtol=3e-2)
+    closed_conv = functools.partial(conv, strides=2, padding="SAME", feature_group_count=2, impl=impl)
+    check_grads(closed_conv, (x, kernel), order=2, modes=["fwd", "rev"], eps=1e-2, atol=3e-2, rtol=3e-2)
     for padding, output_padding in ((1, 1), ("SAME", 0)):
         closed_transpose = functools.partial(
-            conv_transpose, strides=2, padding=padding, output_padding=output_padding, vjp="closed_form"
+            conv_transpose, strides=2, padding=padding, output_padding=output_padding, impl=impl
         )
-        check_grads(closed_transpose, (x, kernel), order=2, modes=["rev"], eps=1e-2, atol=3e-2, rtol=3e-2)
+        check_grads(closed_transpose, (x, kernel), order=2, modes=["fwd", "rev"], eps=1e-2, atol=3e-2, rtol=3e-2)
     distinct = jnp.asarray(rng.permutation(2 * 5 * 6 * 4).reshape(2, 5, 6, 4) / 9.0, jnp.float32)
     for pool in (max_pool, avg_pool):
-        closed = functools.partial(pool, window_shape=3, strides=2, padding=1, ceil_mode=True, vjp="closed_form")
-        check_grads(closed, (distinct,), order=2, modes=["rev"], eps=1e-2, atol=3e-2, rtol=3e-2)
+        closed = functools.partial(pool, window_shape=3, strides=2, padding=1, ceil_mode=True, impl=impl)
+        check_grads(closed, (distinct,), order=2, modes=["fwd", "rev"], eps=1e-2, atol=3e-2, rtol=3e-2)
 
 
-def test_forward_mode_needs_vjp_xla():
+@pytest.mark.parametrize("impl", ["lax", *CLOSED_FORMS])
+def test_forward_mode_through_conv(impl):
     x, kernel = jnp.ones((1, 4, 4, 1)), jnp.ones((2, 2, 1, 1))
-    with pytest.raises(TypeError, match="forward-mode"):
-        jax.jvp(lambda x: conv(x, kernel, vjp="closed_form"), (x,), (x,))
-    _, tangent = jax.jvp(lambda x: conv(x, kernel, vjp="xla"), (x,), (x,))
+    _, tangent = jax.jvp(lambda x: conv(x, kernel, impl=impl), (x,), (x,))
     assert_close(tangent, conv(x, kernel))
 
 
@@ -788,18 +674,7 @@ def test_pool2d_grads_match_torch(seed):
 
 
 # ---------------------------------------------------------------------------------------------
-# vjp flag and argument errors.
-
-
-def test_resolve_vjp():
-    assert resolve_vjp("xla", "conv") == "xla"
-    assert resolve_vjp("closed_form", "max_pool") == "closed_form"
-    assert resolve_vjp("auto", "conv") == backprop._AUTO[jax.default_backend()]["conv"]
-    assert resolve_vjp("auto", "conv_transpose") == backprop._AUTO[jax.default_backend()]["conv_transpose"]
-    assert resolve_vjp("auto", "not_an_op") == "xla"
-    assert set(backprop._AUTO) == {"cpu", "gpu", "tpu"}
-    with pytest.raises(ValueError, match=r"conv: vjp='fast' is not one of"):
-        resolve_vjp("fast", "conv")
+# Argument errors.
 
 
 def test_errors_name_op_argument_and_value():

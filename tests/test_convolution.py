@@ -65,8 +65,8 @@ def _vjp_case(seed):
 @pytest.mark.parametrize("seed", range(48))
 def test_conv_transpose_is_the_vjp_of_conv(seed):
     x, w, layout, geometry, rng = _vjp_case(seed)
-    # the reference is JAX's own autodiff of conv (vjp="xla"), not cnnjax.backprop's rules
-    y, pullback = jax.vjp(lambda x: conv(x, w, layout=layout.lhs, vjp="xla", **geometry), x)
+    # the reference is JAX's own autodiff of conv (impl="lax"), not cnnjax.backprop's rules
+    y, pullback = jax.vjp(lambda x: conv(x, w, layout=layout.lhs, impl="lax", **geometry), x)
     dy = rng.standard_normal(y.shape).astype(np.float32)
     (expected,) = pullback(dy)
     padding = geometry["padding"]
@@ -335,17 +335,17 @@ def test_vmap_over_unbatched_inputs_and_over_kernels():
     np.testing.assert_allclose(per_kernel[1], 2.0 * conv(x, w), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("vjp", ["auto", "xla", "closed_form"])
-def test_conv_gradients_are_right_for_every_vjp_mode(vjp):
+@pytest.mark.parametrize("impl", ["auto", "lax", "closed_form"])
+def test_conv_gradients_are_right_for_every_impl(impl):
     x, w, b = _small_problem()
     geometry = {"strides": (2, 1), "padding": "SAME", "kernel_dilation": (1, 2)}
-    f = functools.partial(conv, vjp=vjp, **geometry)
+    f = functools.partial(conv, impl=impl, **geometry)
     check_grads(f, (x, w, b), order=1, modes=("rev",), eps=1e-2, atol=1e-2, rtol=1e-2)
 
     def loss(conv_fn):
         return jax.grad(lambda x, w, b: jnp.sum(jnp.sin(conv_fn(x, w, b))), argnums=(0, 1, 2))(x, w, b)
 
-    reference = loss(functools.partial(conv, vjp="xla", **geometry))
+    reference = loss(functools.partial(conv, impl="lax", **geometry))
     for got, expected in zip(loss(f), reference, strict=True):
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
@@ -364,15 +364,15 @@ def _reference_conv_nchw(x, w):
     return np.einsum("nchwij,ocij->nohw", windows, w.astype(np.int64))
 
 
-@pytest.mark.parametrize("vjp", ["auto", "closed_form"])
-def test_integer_conv_is_exact_in_the_input_dtype(vjp):
+@pytest.mark.parametrize("impl", ["auto", "closed_form", "lax"])
+def test_integer_conv_is_exact_in_the_input_dtype(impl):
     rng = np.random.default_rng(5)
     x = rng.integers(-1000, 1000, (2, 3, 6, 5)).astype(np.int32)
     w = rng.integers(-1000, 1000, (4, 3, 3, 2)).astype(np.int32)
-    got = conv(x, w, jnp.arange(4, dtype=jnp.int32), layout="NCHW", vjp=vjp)
+    got = conv(x, w, jnp.arange(4, dtype=jnp.int32), layout="NCHW", impl=impl)
     assert got.dtype == jnp.int32
     np.testing.assert_array_equal(got, _reference_conv_nchw(x, w) + np.arange(4).reshape(1, 4, 1, 1))
-    nhwc = conv(np.moveaxis(x, 1, -1), np.transpose(w, (2, 3, 1, 0)), vjp=vjp)
+    nhwc = conv(np.moveaxis(x, 1, -1), np.transpose(w, (2, 3, 1, 0)), impl=impl)
     np.testing.assert_array_equal(nhwc, np.moveaxis(_reference_conv_nchw(x, w), 1, -1))
 
 
@@ -404,7 +404,7 @@ W4 = np.zeros((3, 3, 4, 6), np.float32)
         (lambda: conv(X4, W4, padding=-1), ValueError, "padding=-1 must be >= 0"),
         (lambda: conv(X4, W4, padding_mode="mirror"), ValueError, "conv: padding_mode='mirror' is not one of"),
         (lambda: conv(X4, W4, layout="HWNC"), ValueError, "conv: layout='HWNC' is not one of"),
-        (lambda: conv(X4, W4, vjp="manual"), ValueError, "conv: vjp='manual' is not one of"),
+        (lambda: conv(X4, W4, impl="manual"), ValueError, "conv: impl='manual' is not one of"),
         (
             lambda: conv(X4, W4, np.zeros(5)),
             ValueError,

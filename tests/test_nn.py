@@ -266,3 +266,39 @@ def test_training_step_through_modules(impl):
     np.testing.assert_allclose(
         grads["layers"][0]["kernel"][...], expected["layers"][0]["kernel"][...], rtol=1e-4, atol=1e-6
     )
+
+
+LAYERS_WITH_INPUTS = [
+    (lambda impl: nn.Conv(2, 3, (3, 3), impl=impl, rngs=nnx.Rngs(0)), (1, 6, 6, 2)),
+    (lambda impl: nn.ConvTranspose(2, 3, (3, 3), 2, impl=impl, rngs=nnx.Rngs(0)), (1, 4, 4, 2)),
+    (lambda impl: nn.DepthwiseConv(2, (3, 3), impl=impl, rngs=nnx.Rngs(0)), (1, 6, 6, 2)),
+    (lambda impl: nn.SeparableConv(2, 3, (3, 3), impl=impl, rngs=nnx.Rngs(0)), (1, 6, 6, 2)),
+    (lambda impl: nn.MaxPool(2, impl=impl), (1, 6, 6, 2)),
+    (lambda impl: nn.AvgPool(2, impl=impl), (1, 6, 6, 2)),
+    (lambda impl: nn.LPPool(2, 2, impl=impl), (1, 6, 6, 2)),
+    (lambda impl: nn.GlobalMaxPool(impl=impl), (1, 6, 6, 2)),
+    (lambda impl: nn.AdaptiveAvgPool(3, impl=impl), (1, 6, 6, 2)),
+    (lambda impl: nn.AdaptiveMaxPool(3, impl=impl), (1, 6, 6, 2)),
+    (lambda impl: nn.SpatialPyramidPool((1, 2), impl=impl), (1, 6, 6, 2)),
+]
+
+
+@pytest.mark.parametrize("build, shape", LAYERS_WITH_INPUTS)
+def test_every_layer_takes_impl(build, shape):
+    """``impl="lax"`` leaves no cnnjax primitive in the gradient's jaxpr; the default binds them."""
+    x = _inputs(shape)
+    for impl, primitives in (("auto", True), ("closed_form", True), ("lax", False)):
+        layer = build(impl)
+        jaxpr = str(jax.make_jaxpr(nnx.grad(lambda m, x: jnp.sum(m(x) ** 2)))(layer, x))
+        assert ("cnnjax_" in jaxpr) == primitives, impl
+    np.testing.assert_allclose(build("auto")(x), build("lax")(x), rtol=1e-5, atol=1e-5)
+
+
+def test_set_impl_switches_every_layer():
+    model = nnx.Sequential(nn.Conv(1, 2, (3, 3), rngs=nnx.Rngs(0)), nn.Sequential(nn.MaxPool(2), nn.AvgPool(1)))
+    nn.set_impl(model, "lax")
+    assert "cnnjax_" not in str(jax.make_jaxpr(lambda x: model(x))(jnp.ones((1, 6, 6, 1))))
+    with pytest.raises(ValueError, match=r"set_impl: impl='xla' is not one of \('auto', 'closed_form', 'lax'\)"):
+        nn.set_impl(model, "xla")
+    with pytest.raises(ValueError, match=r"conv: impl='xla' is not one of"):
+        nn.Conv(1, 2, (3, 3), impl="xla", rngs=nnx.Rngs(0))(jnp.ones((1, 6, 6, 1)))

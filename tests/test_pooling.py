@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 from jax import numpy as jnp
 from jax.test_util import check_grads
 
-from cnnjax import backprop
 from cnnjax.pooling import (
     adaptive_avg_pool,
     adaptive_max_pool,
@@ -519,35 +518,32 @@ def test_reductions_reject_bool(op):
         op(jnp.ones((1, 4, 4, 1), bool), 2)
 
 
-# --- vjp flag ---------------------------------------------------------------------------------
+# --- impl flag --------------------------------------------------------------------------------
 
 
-def test_vjp_flag_is_validated():
-    with pytest.raises(ValueError, match=r"max_pool: vjp='fast' is not one of"):
-        max_pool(ARANGE_4X4, 2, vjp="fast")
-    with pytest.raises(ValueError, match=r"avg_pool: vjp='fast' is not one of"):
-        avg_pool(ARANGE_4X4, 2, vjp="fast")
-    np.testing.assert_array_equal(max_pool(ARANGE_4X4, 2, vjp="xla"), max_pool(ARANGE_4X4, 2))
+def test_impl_flag_is_validated():
+    with pytest.raises(ValueError, match=r"max_pool: impl='fast' is not one of"):
+        max_pool(ARANGE_4X4, 2, impl="fast")
+    with pytest.raises(ValueError, match=r"avg_pool: impl='fast' is not one of"):
+        avg_pool(ARANGE_4X4, 2, impl="fast")
+    np.testing.assert_array_equal(max_pool(ARANGE_4X4, 2, impl="lax"), max_pool(ARANGE_4X4, 2))
 
 
-@pytest.mark.skipif(
-    not hasattr(backprop, "max_pool_closed_form") or not hasattr(backprop, "sum_pool_closed_form"),
-    reason="cnnjax.backprop does not provide the closed-form pooling VJPs yet",
-)
+@pytest.mark.parametrize("impl", ["auto", "closed_form"])
 @pytest.mark.parametrize(
     "op",
     [
-        lambda x, vjp: max_pool(x, 3, 2, 1, window_dilation=(1, 2), ceil_mode=True, vjp=vjp),
-        lambda x, vjp: avg_pool(x, 3, 2, "SAME", ceil_mode=True, count_include_pad=False, vjp=vjp),
+        lambda x, impl: max_pool(x, 3, 2, 1, window_dilation=(1, 2), ceil_mode=True, impl=impl),
+        lambda x, impl: avg_pool(x, 3, 2, "SAME", ceil_mode=True, count_include_pad=False, impl=impl),
     ],
 )
-def test_closed_form_vjp_matches_xla(op):
+def test_closed_form_vjp_matches_lax(op, impl):
     x = jnp.asarray(np.random.default_rng(3).integers(0, 4, (2, 7, 6, 3)).astype(np.float32))
-    y_xla, pull_xla = jax.vjp(lambda a: op(a, "xla"), x)
-    y_closed, pull_closed = jax.vjp(lambda a: op(a, "closed_form"), x)
-    np.testing.assert_allclose(y_closed, y_xla, rtol=1e-6)
-    dy = jnp.asarray(np.random.default_rng(4).standard_normal(y_xla.shape).astype(np.float32))
-    np.testing.assert_allclose(pull_closed(dy)[0], pull_xla(dy)[0], rtol=1e-5, atol=1e-6)
+    y_lax, pull_lax = jax.vjp(lambda a: op(a, "lax"), x)
+    y_closed, pull_closed = jax.vjp(lambda a: op(a, impl), x)
+    np.testing.assert_allclose(y_closed, y_lax, rtol=1e-6)
+    dy = jnp.asarray(np.random.default_rng(4).standard_normal(y_lax.shape).astype(np.float32))
+    np.testing.assert_allclose(pull_closed(dy)[0], pull_lax(dy)[0], rtol=1e-5, atol=1e-6)
 
 
 # --- errors -----------------------------------------------------------------------------------

@@ -70,14 +70,29 @@ def eval_flag(train: bool | None) -> bool | None:
     return None if train is None else not train
 
 
-def batch_norm(features: int, *, epsilon: float = 1e-5, rngs: nnx.Rngs) -> nnx.BatchNorm:
-    """``nnx.BatchNorm`` with PyTorch's defaults: momentum 0.1 (Flax's 0.9), ``epsilon`` 1e-5.
+class BatchNorm(nnx.BatchNorm):
+    """``nnx.BatchNorm`` that leaves an empty batch (and its running statistics) alone, as PyTorch
+    does: the statistics of no examples are NaN and would overwrite the running averages.
+
+    >>> norm = batch_norm(3, rngs=nnx.Rngs(0))
+    >>> norm(jnp.zeros((0, 4, 4, 3))).shape, norm.mean[...].tolist()
+    ((0, 4, 4, 3), [0.0, 0.0, 0.0])
+    """
+
+    def __call__(self, x, use_running_average: bool | None = None, **kwargs):
+        if x.shape[0] == 0:
+            return x
+        return super().__call__(x, use_running_average, **kwargs)
+
+
+def batch_norm(features: int, *, epsilon: float = 1e-5, rngs: nnx.Rngs) -> BatchNorm:
+    """:class:`BatchNorm` with PyTorch's defaults: momentum 0.1 (Flax's 0.9), ``epsilon`` 1e-5.
 
     Running statistics are ``nnx.BatchStat``: ``mean <- 0.9 * mean + 0.1 * batch_mean`` in
     training mode. Flax updates the running variance with the biased batch variance, where
     PyTorch uses the unbiased one (a factor ``n / (n - 1)`` apart, ``n = N*H*W``).
     """
-    return nnx.BatchNorm(features, momentum=0.9, epsilon=epsilon, rngs=rngs)
+    return BatchNorm(features, momentum=0.9, epsilon=epsilon, rngs=rngs)
 
 
 class ConvBN(nnx.Module):
