@@ -97,7 +97,7 @@ class VGG(nnx.Module):
 
     def __call__(self, x, train: bool | None = None):
         check_images(x, self.in_features, "VGG")
-        x = self.pool(self.features(x))
+        x = self.pool(self.features(x, train))
         return self.classifier(flatten(x), train)
 
 
