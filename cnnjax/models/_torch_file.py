@@ -21,8 +21,9 @@ import sys
 import zipfile
 from collections.abc import Mapping
 
-import ml_dtypes
+import ml_dtypes  # registers bfloat16 with NumPy, for torch's and safetensors' bfloat16 tensors
 import numpy as np
+import safetensors.numpy
 
 # The element type of each storage class PyTorch's pickles name (torch.<Name>Storage).
 _STORAGE_DTYPES = {
@@ -198,8 +199,6 @@ def read_file(path) -> dict[str, np.ndarray]:
         raise FileNotFoundError(f"weights file {path} not found")
     try:
         if path.endswith(".safetensors"):
-            import safetensors.numpy
-
             contents = safetensors.numpy.load_file(path)
         else:
             contents = _read_torch_zip(path)
