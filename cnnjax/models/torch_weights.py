@@ -345,7 +345,7 @@ def load_torch_weights(model, source, *, strict: bool = True):
     >>> weights = {k: np.full_like(v, 0.5) for k, v in torch_state_dict(tiny()).items()}  # or a .pth file
     >>> model = load_torch_weights(nnx.eval_shape(tiny), weights)  # abstract: no random init
     >>> model.classifier.kernel.shape, float(model.classifier.kernel[0, 0])
-    ((14, 3), 0.5)
+    ((10, 3), 0.5)
     """
     op = "load_torch_weights"
     tensors = {t.key: t for t in _layout(model, op)}
@@ -411,7 +411,7 @@ def torch_state_dict(model) -> dict[str, np.ndarray]:
     >>> from cnnjax.models import DenseNet
     >>> sd = torch_state_dict(DenseNet(stage_sizes=(1, 1), growth_rate=4, num_init_features=8, rngs=nnx.Rngs(0)))
     >>> sd["features.conv0.weight"].shape, sd["features.transition1.conv.weight"].shape, sd["classifier.weight"].shape
-    ((8, 3, 7, 7), (6, 12, 1, 1), (10, 14))
+    ((8, 3, 7, 7), (6, 12, 1, 1), (10, 10))
     """
     tensors = _layout(model, "torch_state_dict")
     if any(t.variable is not None and _abstract(t.variable) for t in tensors):
