@@ -265,8 +265,8 @@ def _layout(model, op: str) -> list[_Tensor]:
     name = type(model).__name__
     if type(model) not in _LAYOUTS:
         raise ValueError(
-            f"{op}: {name} has no torchvision counterpart (torchvision's zoo has "
-            f"{', '.join(c.__name__ for c in _LAYOUTS)} of these models)"
+            f"{op}: {name} has no torchvision counterpart (of the zoo's architectures, torchvision has "
+            f"{', '.join(c.__name__ for c in _LAYOUTS)})"
         )
     problems = []
     if model.small_input:
