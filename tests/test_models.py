@@ -27,9 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from abstract_models import abstract, make_rngs
 from flax import nnx
 
-from cnnjax import models
+from cnnjax import analysis, models
 from cnnjax.models import (
     VGG,
     AlexNet,
@@ -39,29 +40,36 @@ from cnnjax.models import (
     GoogLeNet,
     LeNet5,
     MobileNetV1,
+    MobileNetV2,
     NiN,
     ResNet,
     densenet121,
+    densenet161,
+    densenet169,
+    densenet201,
+    mobilenet_v2,
     resnet18,
     resnet34,
     resnet50,
+    resnet101,
+    resnet152,
+    resnext50_32x4d,
+    resnext101_32x8d,
     vgg11,
+    vgg11_bn,
+    vgg13,
+    vgg13_bn,
     vgg16,
+    vgg16_bn,
+    vgg19,
+    vgg19_bn,
+    wide_resnet50_2,
 )
-
-
-def make_rngs(seed: int = 0) -> nnx.Rngs:
-    return nnx.Rngs(jax.random.key(seed, impl="rbg"))
 
 
 def count_params(model) -> int:
     """Trainable parameters: the sizes of the ``nnx.Param`` leaves (abstract or concrete)."""
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
-
-
-def abstract(constructor, **kwargs):
-    """The model with ``jax.ShapeDtypeStruct`` leaves: shapes only, nothing allocated or compiled."""
-    return nnx.eval_shape(lambda: constructor(rngs=make_rngs(), **kwargs))
 
 
 def abstract_logits(model, shape):
@@ -82,21 +90,40 @@ _DOCS = "https://pytorch.org/vision/stable/models/generated/torchvision.models.{
 TORCHVISION_COUNTS = [
     pytest.param(AlexNet, 61_100_840, id="alexnet"),
     pytest.param(vgg11, 132_863_336, id="vgg11"),
+    pytest.param(vgg11_bn, 132_868_840, id="vgg11_bn"),
+    pytest.param(vgg13, 133_047_848, id="vgg13"),
+    pytest.param(vgg13_bn, 133_053_736, id="vgg13_bn"),
     pytest.param(vgg16, 138_357_544, id="vgg16"),
+    pytest.param(vgg16_bn, 138_365_992, id="vgg16_bn"),
+    pytest.param(vgg19, 143_667_240, id="vgg19"),
+    pytest.param(vgg19_bn, 143_678_248, id="vgg19_bn"),
     pytest.param(GoogLeNet, 6_624_904, id="googlenet"),
     pytest.param(resnet18, 11_689_512, id="resnet18"),
     pytest.param(resnet34, 21_797_672, id="resnet34"),
     pytest.param(resnet50, 25_557_032, id="resnet50"),
+    pytest.param(resnet101, 44_549_160, id="resnet101"),
+    pytest.param(resnet152, 60_192_808, id="resnet152"),
+    pytest.param(resnext50_32x4d, 25_028_904, id="resnext50_32x4d"),
+    pytest.param(resnext101_32x8d, 88_791_336, id="resnext101_32x8d"),
+    pytest.param(wide_resnet50_2, 68_883_240, id="wide_resnet50_2"),
     pytest.param(densenet121, 7_978_856, id="densenet121"),
+    pytest.param(densenet161, 28_681_000, id="densenet161"),
+    pytest.param(densenet169, 14_149_480, id="densenet169"),
+    pytest.param(densenet201, 20_013_928, id="densenet201"),
+    pytest.param(mobilenet_v2, 3_504_872, id="mobilenet_v2"),
 ]
 
 
 @pytest.mark.parametrize(("constructor", "expected"), TORCHVISION_COUNTS)
 def test_imagenet_param_counts_match_torchvision(constructor, expected):
-    """Counts from ``_DOCS.format(id)`` (e.g. ``...torchvision.models.resnet50.html``: 25557032)."""
+    """Counts from ``_DOCS.format(id)`` (e.g. ``...torchvision.models.resnet50.html``: 25557032);
+    ``analysis.summary`` lists the model's layers and totals the same count."""
     model = abstract(constructor, num_classes=1000)
     assert count_params(model) == expected
-    assert abstract_logits(model, (1, 224, 224, 3)).shape == (1, 1000)
+    table = analysis.summary(model, jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32))
+    assert table.total_params == expected
+    assert table.rows[-1].output_shape == (1, 1000)
+    assert sum(row.params for row in table.rows) == expected  # every parameter sits in a listed layer
 
 
 def test_lenet5_param_count_is_the_notes_layer_sum():
@@ -148,6 +175,9 @@ NARROW = {
     "resnet50": (resnet50, {"width_multiplier": 1 / 16}),
     "densenet121": (densenet121, {"width_multiplier": 1 / 8}),
     "mobilenet_v1": (MobileNetV1, {"width_multiplier": 1 / 16}),
+    "mobilenet_v2": (mobilenet_v2, {"width_multiplier": 1 / 8}),
+    "vgg11_bn": (vgg11_bn, {"width_multiplier": 1 / 16, "hidden_features": 16}),
+    "resnext50_32x4d": (resnext50_32x4d, {"width_multiplier": 1 / 2}),
 }
 
 
@@ -197,6 +227,11 @@ EXECUTED = {
         (32, 3),
     ),
     "mobilenet_v1": (MobileNetV1, {"small_input": True, "width_multiplier": 1 / 16}, (32, 3)),
+    "mobilenet_v2": (
+        MobileNetV2,
+        {"inverted_residual_setting": ((1, 8, 1, 1), (6, 8, 2, 2)), "small_input": True, "dropout_rate": 0.0},
+        (32, 3),
+    ),
 }
 
 
@@ -350,6 +385,17 @@ def test_wrong_input_shape_names_the_model_and_the_expected_layout():
         (DenseNet, {"growth_rate": 0}, r"DenseNet: growth_rate=0 must be >= 1"),
         (MobileNetV1, {"in_features": 0}, r"MobileNetV1: in_features=0 must be >= 1"),
         (LeNet5, {"input_size": 8}, r"LeNet5: input_size=8 is too small"),
+        (
+            ResNet,
+            {"stage_sizes": (1,), "block": BasicBlock, "groups": 2},
+            r"BasicBlock: groups=2 and base_width=64 must be 1 and 64",
+        ),
+        (resnet50, {"groups": 0}, r"Bottleneck: groups=0 must be >= 1"),
+        (
+            MobileNetV2,
+            {"inverted_residual_setting": ((1, 16, 1),)},
+            r"MobileNetV2: inverted_residual_setting=.* must list",
+        ),
     ],
 )
 def test_invalid_arguments_raise_at_construction(constructor, kwargs, message):
@@ -360,4 +406,7 @@ def test_invalid_arguments_raise_at_construction(constructor, kwargs, message):
 def test_presets_are_partials_of_the_architectures():
     assert vgg16.func is VGG and resnet50.func is ResNet and densenet121.func is DenseNet
     assert resnet50.keywords == {"stage_sizes": (3, 4, 6, 3), "block": Bottleneck}
+    assert resnext50_32x4d.keywords == {**resnet50.keywords, "groups": 32, "width_per_group": 4}
+    assert vgg19_bn.keywords == {**vgg19.keywords, "batch_norm": True}
+    assert mobilenet_v2.func is MobileNetV2
     assert set(models.__all__) >= {"LeNet5", "AlexNet", "VGG", "NiN", "GoogLeNet", "ResNet", "DenseNet", "MobileNetV1"}

@@ -1,4 +1,4 @@
-"""Pieces the model zoo shares: width scaling, input checks, the train/eval flag, conv-BN-ReLU.
+"""Pieces the model zoo shares: width scaling, input checks, the train/eval flag, conv-BN-activation.
 
 Every model takes NHWC images and follows Flax NNX's mode convention: ``model.train()`` /
 ``model.eval()`` set the ``use_running_average`` and ``deterministic`` flags of its BatchNorm and
@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +19,10 @@ from flax import nnx
 
 from cnnjax import nn
 from cnnjax.shapes import check_positive
+
+# ImageNet's per-channel (RGB) mean and std: torchvision's ImageNet weights expect (x - mean) / std.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # He (Kaiming) normal with fan-out, the init torchvision gives ResNet, VGG and MobileNet v2 convs.
 conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -96,23 +100,31 @@ def batch_norm(features: int, *, epsilon: float = 1e-5, rngs: nnx.Rngs) -> Batch
 
 
 class ConvBN(nnx.Module):
-    """A bias-free convolution module, batch norm, then (optionally) ReLU.
+    """A convolution module, batch norm, then ``activation`` (ReLU by default; ``None``: none).
 
-    ``x: (N, H, W, C_in)`` -> ``(N, H', W', conv.out_features)`` with the conv's sizes.
+    ``x: (N, H, W, C_in)`` -> ``(N, H', W', conv.out_features)`` with the conv's sizes. The
+    three are one torchvision ``Conv2dNormActivation`` (``BasicConv2d`` in GoogLeNet).
 
     >>> block = conv_bn(3, 8, (3, 3), padding=1, rngs=nnx.Rngs(0))
     >>> block(jnp.ones((2, 5, 5, 3)), train=False).shape
     (2, 5, 5, 8)
     """
 
-    def __init__(self, conv: nnx.Module, *, relu: bool = True, epsilon: float = 1e-5, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        conv: nnx.Module,
+        *,
+        activation: Callable | None = jax.nn.relu,
+        epsilon: float = 1e-5,
+        rngs: nnx.Rngs,
+    ):
         self.conv = conv
         self.norm = batch_norm(conv.out_features, epsilon=epsilon, rngs=rngs)
-        self.relu = relu
+        self.activation = activation
 
     def __call__(self, x, train: bool | None = None):
         x = self.norm(self.conv(x), eval_flag(train))
-        return jax.nn.relu(x) if self.relu else x
+        return x if self.activation is None else self.activation(x)
 
 
 def conv_bn(
@@ -122,22 +134,25 @@ def conv_bn(
     strides: int = 1,
     *,
     padding: int = 0,
-    relu: bool = True,
+    feature_group_count: int = 1,
+    activation: Callable | None = jax.nn.relu,
     epsilon: float = 1e-5,
     rngs: nnx.Rngs,
 ) -> ConvBN:
-    """:class:`ConvBN` over a bias-free ``cnnjax.nn.Conv`` with PyTorch-style int ``padding``."""
+    """:class:`ConvBN` over a bias-free ``cnnjax.nn.Conv`` with PyTorch-style int ``padding`` (and
+    ``feature_group_count`` groups, PyTorch's ``groups``)."""
     conv = nn.Conv(
         in_features,
         out_features,
         kernel_size,
         strides,
         padding=padding,
+        feature_group_count=feature_group_count,
         use_bias=False,
         kernel_init=conv_init,
         rngs=rngs,
     )
-    return ConvBN(conv, relu=relu, epsilon=epsilon, rngs=rngs)
+    return ConvBN(conv, activation=activation, epsilon=epsilon, rngs=rngs)
 
 
 def takes_train(layer) -> bool:

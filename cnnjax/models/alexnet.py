@@ -70,7 +70,8 @@ class AlexNet(nnx.Module):
             return nn.Conv(i, o, (k, k), s, padding=p, kernel_init=conv_init, rngs=rngs)
 
         stem = conv(in_features, c1, 3, 1, 1) if small_input else conv(in_features, c1, 11, 4, 2)
-        self.in_features = in_features
+        self.in_features, self.small_input, self.width_multiplier = in_features, small_input, width_multiplier
+        self.hidden_features = hidden_features
         self.features = Stack(
             stem,
             jax.nn.relu,

@@ -80,7 +80,8 @@ class DenseNet(nnx.Module):
 
     Stem: conv 7x7/2 -> ``num_init_features`` (padding 3), BatchNorm, ReLU, max-pool 3/2
     (padding 1). Each dense layer adds ``growth_rate`` channels. The defaults are DenseNet-121
-    (``densenet121``): 7,978,856 trainable parameters for 1000 classes, as torchvision.
+    (``densenet121``). Trainable parameters for 1000 classes, as torchvision: ``densenet121``
+    7,978,856, ``densenet161`` 28,681,000, ``densenet169`` 14,149,480, ``densenet201`` 20,013,928.
 
     ``small_input=True`` (28x28 or 32x32) makes the stem one 3x3 conv, stride 1, without the
     max-pool. ``width_multiplier`` scales ``growth_rate`` and ``num_init_features``.
@@ -130,7 +131,7 @@ class DenseNet(nnx.Module):
             if i < len(stage_sizes) - 1:
                 layers.append(transition(features, features // 2, rngs=rngs))
                 features //= 2
-        self.in_features = in_features
+        self.in_features, self.small_input, self.width_multiplier = in_features, small_input, width_multiplier
         self.features = Stack(*layers)
         self.norm = batch_norm(features, rngs=rngs)
         self.pool = nn.GlobalAvgPool()
@@ -144,3 +145,6 @@ class DenseNet(nnx.Module):
 
 
 densenet121 = functools.partial(DenseNet, stage_sizes=(6, 12, 24, 16), growth_rate=32, num_init_features=64)
+densenet161 = functools.partial(DenseNet, stage_sizes=(6, 12, 36, 24), growth_rate=48, num_init_features=96)
+densenet169 = functools.partial(DenseNet, stage_sizes=(6, 12, 32, 32), growth_rate=32, num_init_features=64)
+densenet201 = functools.partial(DenseNet, stage_sizes=(6, 12, 48, 32), growth_rate=32, num_init_features=64)

@@ -7,6 +7,8 @@ from flax import nnx
 
 from cnnjax import nn
 from cnnjax.models._blocks import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     ConvBN,
     Stack,
     check_images,
@@ -89,6 +91,11 @@ class GoogLeNet(nnx.Module):
     (as CIFAR versions do), so the Inception stages run at 32, 16 and 8 pixels.
     ``width_multiplier`` scales every conv's channels.
 
+    ``transform_input=True`` (3 input channels) maps images normalized with ImageNet's mean and
+    std to the ``(x - 0.5) / 0.5`` normalization, channel ``c``:
+    ``x * (std_c / 0.5) + (mean_c - 0.5) / 0.5``, as torchvision's ``transform_input``, which its
+    ``googlenet(weights=...)`` turns on: its pretrained weights need it.
+
     ``x: (N, H, W, in_features)`` NHWC -> ``(N, num_classes)`` logits. BatchNorm uses batch
     statistics and updates its running averages (``nnx.BatchStat``), and Dropout is active, in
     training mode, the mode a new model starts in: ``model.eval()`` / ``model.train()`` switch it,
@@ -110,6 +117,7 @@ class GoogLeNet(nnx.Module):
         small_input: bool = False,
         width_multiplier: float = 1.0,
         dropout_rate: float = 0.2,
+        transform_input: bool = False,
         impl: str = "auto",
         rngs: nnx.Rngs,
     ):
@@ -117,6 +125,8 @@ class GoogLeNet(nnx.Module):
         num_classes, in_features, width_multiplier, dropout_rate = check_model_args(
             op, num_classes, in_features, width_multiplier, dropout_rate
         )
+        if transform_input and in_features != 3:
+            raise ValueError(f"GoogLeNet: transform_input=True needs in_features=3 (RGB), got {in_features}")
         c64, c192 = scale_width(64, width_multiplier), scale_width(192, width_multiplier)
 
         def pool(k):
@@ -139,7 +149,8 @@ class GoogLeNet(nnx.Module):
                 features = layers[-1].out_features
             if next_pool is not None:
                 layers.append(next_pool)
-        self.in_features = in_features
+        self.in_features, self.small_input, self.width_multiplier = in_features, small_input, width_multiplier
+        self.transform_input = transform_input
         self.features = Stack(*layers)
         self.pool = nn.GlobalAvgPool()
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
@@ -148,5 +159,8 @@ class GoogLeNet(nnx.Module):
 
     def __call__(self, x, train: bool | None = None):
         check_images(x, self.in_features, "GoogLeNet")
+        if self.transform_input:
+            std, mean = jnp.asarray(IMAGENET_STD), jnp.asarray(IMAGENET_MEAN)
+            x = x * (std / 0.5) + (mean - 0.5) / 0.5
         x = self.pool(self.features(x, train))
         return self.fc(self.dropout(x, deterministic=eval_flag(train)))

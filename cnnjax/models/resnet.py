@@ -23,7 +23,7 @@ def _shortcut(in_features: int, out_features: int, strides: int, rngs: nnx.Rngs)
     """Identity when the shapes agree, else a 1x1 conv with ``strides`` and BatchNorm (option B)."""
     if strides == 1 and in_features == out_features:
         return nnx.data(None)
-    return conv_bn(in_features, out_features, (1, 1), strides, relu=False, rngs=rngs)
+    return conv_bn(in_features, out_features, (1, 1), strides, activation=None, rngs=rngs)
 
 
 class _ResidualBlock(nnx.Module):
@@ -46,10 +46,24 @@ class BasicBlock(_ResidualBlock):
 
     expansion = 1
 
-    def __init__(self, in_features: int, features: int, strides: int = 1, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_features: int,
+        features: int,
+        strides: int = 1,
+        *,
+        groups: int = 1,
+        base_width: int = 64,
+        rngs: nnx.Rngs,
+    ):
+        if groups != 1 or base_width != 64:
+            raise ValueError(
+                f"BasicBlock: groups={groups} and base_width={base_width} must be 1 and 64 "
+                "(grouped and wide ResNets use Bottleneck blocks)"
+            )
         self.residual = Stack(
             conv_bn(in_features, features, (3, 3), strides, padding=1, rngs=rngs),
-            conv_bn(features, features, (3, 3), padding=1, relu=False, rngs=rngs),
+            conv_bn(features, features, (3, 3), padding=1, activation=None, rngs=rngs),
         )
         self.shortcut = _shortcut(in_features, features, strides, rngs)
 
@@ -58,21 +72,38 @@ class Bottleneck(_ResidualBlock):
     """1x1 -> 3x3 (carrying the stride, torchvision's v1.5) -> 1x1 conv-BN layers plus the shortcut,
     then ReLU (ResNet-50 and deeper). Outputs ``4 * features`` channels.
 
+    The inner width is ``int(features * base_width / 64) * groups`` and the 3x3 conv has ``groups``
+    groups, as torchvision: ResNeXt (arXiv:1611.05431) is ``groups=32, base_width=4`` (or 8), the
+    wide ResNet-50-2 ``base_width=128`` (arXiv:1605.07146).
+
     ``x: (N, H, W, in_features)`` -> ``(N, ceil(H / strides), ceil(W / strides), 4 * features)``.
 
     >>> import jax.numpy as jnp
     >>> Bottleneck(4, 2, 2, rngs=nnx.Rngs(0))(jnp.ones((1, 6, 6, 4)), train=False).shape
     (1, 3, 3, 8)
+    >>> Bottleneck(4, 4, groups=2, base_width=32, rngs=nnx.Rngs(0)).residual.layers[1].conv.kernel.shape
+    (3, 3, 2, 4)
     """
 
     expansion = 4
 
-    def __init__(self, in_features: int, features: int, strides: int = 1, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_features: int,
+        features: int,
+        strides: int = 1,
+        *,
+        groups: int = 1,
+        base_width: int = 64,
+        rngs: nnx.Rngs,
+    ):
+        groups = check_positive(groups, "groups", "Bottleneck")
+        width = int(features * check_positive(base_width, "base_width", "Bottleneck") / 64) * groups
         out_features = features * self.expansion
         self.residual = Stack(
-            conv_bn(in_features, features, (1, 1), rngs=rngs),
-            conv_bn(features, features, (3, 3), strides, padding=1, rngs=rngs),
-            conv_bn(features, out_features, (1, 1), relu=False, rngs=rngs),
+            conv_bn(in_features, width, (1, 1), rngs=rngs),
+            conv_bn(width, width, (3, 3), strides, padding=1, feature_group_count=groups, rngs=rngs),
+            conv_bn(width, out_features, (1, 1), activation=None, rngs=rngs),
         )
         self.shortcut = _shortcut(in_features, out_features, strides, rngs)
 
@@ -84,8 +115,11 @@ class ResNet(nnx.Module):
     has ``stage_sizes[i]`` blocks of width ``64 * 2**i`` (times ``block.expansion`` outputs);
     stages after the first halve the size in their first block. Convs have no bias and are
     followed by BatchNorm (momentum 0.1 in PyTorch's terms, eps 1e-5); kernels are He-normal
-    (fan-out), as torchvision. ``resnet18``, ``resnet34``, ``resnet50`` have torchvision's
-    11,689,512, 21,797,672 and 25,557,032 trainable parameters for 1000 classes.
+    (fan-out), as torchvision. ``groups`` and ``width_per_group`` reach the :class:`Bottleneck`
+    blocks (ResNeXt, wide ResNet). For 1000 classes the presets have torchvision's trainable
+    parameter counts: ``resnet18`` 11,689,512, ``resnet34`` 21,797,672, ``resnet50`` 25,557,032,
+    ``resnet101`` 44,549,160, ``resnet152`` 60,192,808, ``resnext50_32x4d`` 25,028,904,
+    ``resnext101_32x8d`` 88,791,336, ``wide_resnet50_2`` 68,883,240.
 
     ``small_input=True`` (28x28 or 32x32, CIFAR-style) makes the stem one 3x3 conv, stride 1,
     without the max-pool. ``width_multiplier`` scales every conv's channels (64 -> ``64 * m``).
@@ -113,6 +147,8 @@ class ResNet(nnx.Module):
         in_features: int = 3,
         small_input: bool = False,
         width_multiplier: float = 1.0,
+        groups: int = 1,
+        width_per_group: int = 64,
         impl: str = "auto",
         rngs: nnx.Rngs,
     ):
@@ -128,9 +164,11 @@ class ResNet(nnx.Module):
         for i, size in enumerate(stage_sizes):
             width = scale_width(64 * 2**i, width_multiplier)
             for j in range(check_positive(size, "stage_sizes", op)):
-                layers.append(block(features, width, 2 if i > 0 and j == 0 else 1, rngs=rngs))
+                strides = 2 if i > 0 and j == 0 else 1
+                layers.append(block(features, width, strides, groups=groups, base_width=width_per_group, rngs=rngs))
                 features = width * block.expansion
-        self.in_features = in_features
+        self.in_features, self.small_input, self.width_multiplier = in_features, small_input, width_multiplier
+        self.stage_sizes = tuple(stage_sizes)
         self.features = Stack(*layers)
         self.pool = nn.GlobalAvgPool()
         self.fc = nnx.Linear(features, num_classes, rngs=rngs)
@@ -144,3 +182,8 @@ class ResNet(nnx.Module):
 resnet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block=BasicBlock)
 resnet34 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block=BasicBlock)
 resnet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block=Bottleneck)
+resnet101 = functools.partial(ResNet, stage_sizes=(3, 4, 23, 3), block=Bottleneck)
+resnet152 = functools.partial(ResNet, stage_sizes=(3, 8, 36, 3), block=Bottleneck)
+resnext50_32x4d = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block=Bottleneck, groups=32, width_per_group=4)
+resnext101_32x8d = functools.partial(ResNet, stage_sizes=(3, 4, 23, 3), block=Bottleneck, groups=32, width_per_group=8)
+wide_resnet50_2 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block=Bottleneck, width_per_group=128)

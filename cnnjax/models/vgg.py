@@ -10,6 +10,7 @@ from flax import nnx
 
 from cnnjax import nn
 from cnnjax.models._blocks import (
+    ConvBN,
     MLPHead,
     Stack,
     check_images,
@@ -24,11 +25,14 @@ from cnnjax.shapes import check_positive
 class VGG(nnx.Module):
     """VGG: for each stage, 3x3 convs (padding 1, ReLU) with the stage's widths, then max-pool 2/2.
 
-    ``stage_features`` lists each stage's conv widths (see the ``vgg11`` / ``vgg16`` presets).
-    After the convs: adaptive average pooling to 7x7 and the classifier
-    ``(Linear 4096 -> ReLU -> Dropout) x 2 -> Linear num_classes``, as torchvision's ``VGG``
-    (``vgg11``: 132,863,336 and ``vgg16``: 138,357,544 trainable parameters for 1000 classes,
-    224x224 inputs, at least 32x32).
+    ``stage_features`` lists each stage's conv widths (the presets ``vgg11``, ``vgg13``,
+    ``vgg16``, ``vgg19`` are the paper's configurations A, B, D, E); ``batch_norm=True`` puts a
+    BatchNorm between each conv (which keeps its bias) and its ReLU, as torchvision's ``_bn``
+    variants (presets ``vgg11_bn`` ... ``vgg19_bn``). After the convs: adaptive average pooling to
+    7x7 and the classifier ``(Linear 4096 -> ReLU -> Dropout) x 2 -> Linear num_classes``, as
+    torchvision's ``VGG`` (224x224 inputs, at least 32x32). Trainable parameters for 1000 classes,
+    torchvision's: ``vgg11`` 132,863,336, ``vgg13`` 133,047,848, ``vgg16`` 138,357,544,
+    ``vgg19`` 143,667,240; ``_bn``: 132,868,840, 133,053,736, 138,365,992, 143,678,248.
 
     ``small_input=True`` (28x28 or 32x32 images) keeps the convs but pools with ``"SAME"``
     padding (``ceil(n / 2)``, so five pools take 28 down to 1 as well as 32) and averages the last
@@ -58,6 +62,7 @@ class VGG(nnx.Module):
         width_multiplier: float = 1.0,
         hidden_features: int = 4096,
         dropout_rate: float = 0.5,
+        batch_norm: bool = False,
         impl: str = "auto",
         rngs: nnx.Rngs,
     ):
@@ -72,11 +77,13 @@ class VGG(nnx.Module):
         for stage in stage_features:
             for width in stage:
                 out = scale_width(check_positive(width, "stage_features", op), width_multiplier)
-                layers += [nn.Conv(features, out, (3, 3), padding=1, kernel_init=conv_init, rngs=rngs), jax.nn.relu]
+                conv = nn.Conv(features, out, (3, 3), padding=1, kernel_init=conv_init, rngs=rngs)
+                layers += [ConvBN(conv, rngs=rngs)] if batch_norm else [conv, jax.nn.relu]
                 features = out
             layers.append(nn.MaxPool((2, 2), 2, "SAME" if small_input else "VALID"))
         pooled = 1 if small_input else 7
-        self.in_features = in_features
+        self.in_features, self.small_input, self.width_multiplier = in_features, small_input, width_multiplier
+        self.hidden_features = hidden_features
         self.features = Stack(*layers)
         self.pool = nn.AdaptiveAvgPool((pooled, pooled))
         self.classifier = MLPHead(
@@ -90,10 +97,20 @@ class VGG(nnx.Module):
 
     def __call__(self, x, train: bool | None = None):
         check_images(x, self.in_features, "VGG")
-        x = self.pool(self.features(x))
+        x = self.pool(self.features(x, train))
         return self.classifier(flatten(x), train)
 
 
-# Configurations "A" (11 weight layers) and "D" (16) of the paper's Table 1.
-vgg11 = functools.partial(VGG, stage_features=((64,), (128,), (256, 256), (512, 512), (512, 512)))
-vgg16 = functools.partial(VGG, stage_features=((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512)))
+# Configurations "A" (11 weight layers), "B" (13), "D" (16) and "E" (19) of the paper's Table 1.
+_A = ((64,), (128,), (256, 256), (512, 512), (512, 512))
+_B = ((64, 64), (128, 128), (256, 256), (512, 512), (512, 512))
+_D = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
+_E = ((64, 64), (128, 128), (256,) * 4, (512,) * 4, (512,) * 4)
+vgg11 = functools.partial(VGG, stage_features=_A)
+vgg13 = functools.partial(VGG, stage_features=_B)
+vgg16 = functools.partial(VGG, stage_features=_D)
+vgg19 = functools.partial(VGG, stage_features=_E)
+vgg11_bn = functools.partial(VGG, stage_features=_A, batch_norm=True)
+vgg13_bn = functools.partial(VGG, stage_features=_B, batch_norm=True)
+vgg16_bn = functools.partial(VGG, stage_features=_D, batch_norm=True)
+vgg19_bn = functools.partial(VGG, stage_features=_E, batch_norm=True)

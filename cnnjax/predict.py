@@ -1,0 +1,156 @@
+"""``cnnjax-predict``: classify images with torchvision's ImageNet weights in a cnnjax model.
+
+    cnnjax-predict --model resnet50 --weights resnet50-0676ba61.pth cat.jpg dog.png
+
+(also ``python -m cnnjax.predict``) prints, for each image, its path and the five most likely of
+ImageNet's 1000 classes with their probabilities. Images are decoded with Pillow and
+preprocessed as torchvision's ImageNet evaluation does (:func:`preprocess`). The weights file
+(``torch.save`` ``.pth``/``.pt`` or ``.safetensors``) is read without PyTorch by
+:func:`cnnjax.models.load_torch_weights`, into a model built abstractly (no random init).
+``--model googlenet`` is built with ``transform_input=True``, as torchvision's pretrained
+GoogLeNet. A missing or unreadable image, or weights that do not fit the model (another
+architecture), print one line naming the problem and exit 1; bad arguments exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from importlib import resources
+
+import numpy as np
+from flax import nnx
+
+from cnnjax import models
+from cnnjax.models._blocks import IMAGENET_MEAN, IMAGENET_STD
+
+# --model names: torchvision's, each a 1000-class constructor.
+MODELS = {
+    "alexnet": models.AlexNet,
+    "googlenet": functools.partial(models.GoogLeNet, transform_input=True),
+    **{
+        name: getattr(models, name)
+        for name in (
+            "vgg11",
+            "vgg11_bn",
+            "vgg13",
+            "vgg13_bn",
+            "vgg16",
+            "vgg16_bn",
+            "vgg19",
+            "vgg19_bn",
+            "resnet18",
+            "resnet34",
+            "resnet50",
+            "resnet101",
+            "resnet152",
+            "resnext50_32x4d",
+            "resnext101_32x8d",
+            "wide_resnet50_2",
+            "densenet121",
+            "densenet161",
+            "densenet169",
+            "densenet201",
+            "mobilenet_v2",
+        )
+    },
+}
+
+RESIZE, CROP = 256, 224
+
+
+def imagenet_classes() -> list[str]:
+    """The 1000 ImageNet class names in torchvision's order (index = logit), shipped with cnnjax.
+
+    >>> names = imagenet_classes()
+    >>> len(names), names[0], names[207], names[999]
+    (1000, 'tench', 'golden retriever', 'toilet tissue')
+    """
+    text = resources.files("cnnjax").joinpath("imagenet_classes.txt").read_text(encoding="utf-8")
+    return text.splitlines()
+
+
+def preprocess(image) -> np.ndarray:
+    """A Pillow image -> ``(CROP, CROP, 3)`` float32, as torchvision's ImageNet evaluation transform.
+
+    ``Resize(256)``: the shorter side to 256 and the longer to ``int(256 * long / short)``,
+    Pillow's bilinear filter (antialiased: it widens with the scale); ``CenterCrop(224)``: the
+    offsets ``round((size - 224) / 2)``; ``ToTensor``: RGB / 255; ``Normalize``: ImageNet's mean
+    and std per channel. Returns NHWC-ready ``(H, W, C)``.
+
+    >>> from PIL import Image
+    >>> x = preprocess(Image.new("RGB", (640, 480), "white"))  # (1 - mean) / std
+    >>> x.shape, [round(float(v), 3) for v in x[0, 0]]
+    ((224, 224, 3), [2.249, 2.429, 2.64])
+    """
+    from PIL import Image
+
+    image = image.convert("RGB")
+    width, height = image.size
+    short, long = sorted((width, height))
+    size = (RESIZE, int(RESIZE * long / short)) if width <= height else (int(RESIZE * long / short), RESIZE)
+    image = image.resize(size, Image.Resampling.BILINEAR)
+    left, top = (round((n - CROP) / 2.0) for n in size)
+    image = image.crop((left, top, left + CROP, top + CROP))
+    x = np.asarray(image, np.float32) / 255.0
+    return ((x - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)).astype(np.float32)
+
+
+def load_image(path: str) -> np.ndarray:
+    """``preprocess`` of the image file at ``path``; ``ValueError`` naming it if it cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return preprocess(image)
+    except FileNotFoundError:
+        raise ValueError(f"image {path}: no such file") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:  # Pillow's decoding errors
+        raise ValueError(f"image {path}: cannot be read as an image ({err})") from None
+
+
+def top5(model, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(probabilities, classes)``, each ``(N, 5)``, most likely first, of ``model`` in eval mode on
+    ``images`` ``(N, 224, 224, 3)``."""
+    logits = nnx.jit(lambda m, x: m(x, train=False))(model, images)
+    probabilities = np.asarray(nnx.softmax(logits.astype(np.float32), axis=-1))
+    classes = np.argsort(-probabilities, axis=-1, kind="stable")[:, :5]
+    return np.take_along_axis(probabilities, classes, axis=-1), classes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cnnjax-predict",
+        description="Top-5 ImageNet classes of images, with torchvision's weights in a cnnjax model.",
+    )
+    parser.add_argument("--model", required=True, choices=sorted(MODELS), help="torchvision's model name")
+    parser.add_argument(
+        "--weights", required=True, help="torchvision weights: a .pth/.pt (torch.save) or .safetensors file"
+    )
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files Pillow can read (JPEG, PNG, ...)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        images = np.stack([load_image(path) for path in args.images])
+        constructor = MODELS[args.model]
+        model = models.load_torch_weights(
+            nnx.eval_shape(lambda: constructor(num_classes=1000, rngs=nnx.Rngs(0))), args.weights
+        )
+    except (ValueError, OSError) as err:
+        print(f"cnnjax-predict: {err}", file=sys.stderr)
+        return 1
+    names = imagenet_classes()
+    probabilities, classes = top5(model, images)
+    for path, p_row, c_row in zip(args.images, probabilities, classes, strict=True):
+        print(path)
+        for p, c in zip(p_row, c_row, strict=True):
+            print(f"  {100 * p:6.2f}%  {names[c]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
