@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from abstract_models import abstract
 from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -320,7 +321,7 @@ def _empty_batch_step(model, x):
 def test_empty_batch_traces_through_every_zoo_model(name):
     """Every zoo model, in training mode (batch statistics, dropout), traces forward and backward
     on an empty batch (``nnx.eval_shape``: no weights, no compilation) to empty logits."""
-    model = nnx.eval_shape(lambda: ZOO[name](rngs=nnx.Rngs(0)))
+    model = abstract(ZOO[name])
     size, channels = (28, 1) if name == "LeNet5" else (32, 3)
     grads, logits = nnx.eval_shape(_empty_batch_step, model, jnp.zeros((0, size, size, channels)))
     assert logits.shape == (0, 10)
@@ -481,5 +482,5 @@ def test_zoo_models_pass_impl_to_every_layer(name):
     x = jnp.zeros((1, size, size, channels))
     loss = nnx.grad(lambda m, x: jnp.sum(m(x, train=False)))
     for impl, primitives in (("auto", True), ("lax", False)):
-        model = nnx.eval_shape(lambda impl=impl: ZOO[name](impl=impl, rngs=nnx.Rngs(0)))
+        model = abstract(ZOO[name], impl=impl)
         assert ("cnnjax_" in str(jax.make_jaxpr(loss)(model, x))) == primitives
