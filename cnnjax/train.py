@@ -584,15 +584,19 @@ def _to_float(x) -> float:
 def _source(data, name: str):
     """``data`` as a pipeline source: an ``(x, y)`` pair of arrays (checked) or a source itself."""
     if hasattr(data, "read") and hasattr(data, "__len__"):
-        return data
-    if not (isinstance(data, (tuple, list)) and len(data) == 2):
+        source = data
+    elif isinstance(data, (tuple, list)) and len(data) == 2:
+        x, y = np.asarray(data[0]), np.asarray(data[1])
+        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+            raise TypeError(f"fit: {name} labels must be a 1-D integer array, got {y.dtype} of shape {y.shape}")
+        if len(x) != len(y):
+            raise ValueError(f"fit: {name} holds {len(x)} images but {len(y)} labels")
+        source = ArraySource(x, y)
+    else:
         raise TypeError(f"fit: {name} must be an (x, y) pair of arrays or an ImageFolder, got {type(data).__name__}")
-    x, y = np.asarray(data[0]), np.asarray(data[1])
-    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-        raise TypeError(f"fit: {name} labels must be a 1-D integer array, got {y.dtype} of shape {y.shape}")
-    if len(x) != len(y):
-        raise ValueError(f"fit: {name} holds {len(x)} images but {len(y)} labels")
-    return ArraySource(x, y)
+    if len(source) == 0:
+        raise ValueError(f"fit: {name} holds no examples")
+    return source
 
 
 def _rate_at(rate: optax.ScalarOrSchedule, step: int) -> float:

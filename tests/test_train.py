@@ -531,6 +531,7 @@ def test_existing_checkpoints_are_never_overwritten(reference, tmp_path):
             ValueError,
             "fit: eval_data holds 3 images but 2 labels",
         ),
+        ({"eval_data": (np.zeros((0, 8, 8, 1)), np.zeros(0, int))}, ValueError, "fit: eval_data holds no examples"),
         ({"augment": "mixup"}, ValueError, "fit: augment='mixup' must be one of none, flip-crop, random-resized-crop"),
         ({"dtype": "float16"}, ValueError, "fit: dtype='float16' must be one of float32, bfloat16"),
         ({"label_smoothing": 1.0}, ValueError, "fit: label_smoothing=1.0 must be a number in [0, 1)"),
