@@ -27,8 +27,9 @@ resumed run (which starts the graph at its first epoch) draws what an uninterrup
 
 Memory is bounded whatever the number of images: besides the file list (one name and one label
 per image) and one epoch's order (8 bytes per image), the pipeline holds at most
-:func:`batches_in_flight` batches of decoded pixels (Grain's read-ahead and worker queues), and
-:func:`cnnjax.train.fit` keeps at most ``DISPATCH_AHEAD`` more on the devices.
+:func:`batches_in_flight` batches of decoded pixels (Grain's read-ahead and worker queues), Grain
+frees the shared memory of consumed batches on a background thread at most 50 arrays behind,
+and :func:`cnnjax.train.fit` keeps at most ``DISPATCH_AHEAD`` more on the devices.
 """
 
 from __future__ import annotations

@@ -81,7 +81,8 @@ DEFAULT_BATCH_SIZE = 16
 DEFAULT_LR = 3e-3
 DEFAULT_IMAGE_SIZE = {"digits": 28, "imagefolder": 224}
 CHECKPOINTS_KEPT = 2
-DISPATCH_AHEAD = 2  # train steps queued on the devices before the loop waits (bounds the batches held there)
+DISPATCH_AHEAD = 8  # train steps queued on the devices before the loop waits: bounds the batches held there, and
+# leaves the devices work while a loaded host schedules the loop again
 _PROGRESS_EVERY = 10  # steps between progress-bar refreshes (each one waits for the device)
 
 
@@ -570,10 +571,9 @@ def _train_epoch(train_step, state: TrainState, epoch_batches, mesh: Mesh, bar) 
 
 
 def _global_batch(mesh: Mesh, *rows: np.ndarray) -> tuple[jax.Array, ...]:
-    """The global batch arrays, sharded on ``"data"``, from this process's rows of each."""
-    split = NamedSharding(mesh, P(DATA_AXIS))
-    processes = jax.process_count()
-    return tuple(jax.make_array_from_process_local_data(split, a, (len(a) * processes, *a.shape[1:])) for a in rows)
+    """The global batch arrays, sharded on ``"data"``, from this process's (equal) share of the
+    rows of each; one process: a single batched ``device_put``."""
+    return jax.make_array_from_process_local_data(NamedSharding(mesh, P(DATA_AXIS)), rows)
 
 
 def _to_float(x) -> float:
