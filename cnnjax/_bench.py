@@ -427,12 +427,13 @@ def start_suite(
 
 def _header(info: dict, settings: dict, command: str, rounds: int) -> str:
     torch = f", torch {settings['torch']}" if "torch" in settings else ""
+    layout = f"; PyTorch layout: {settings['torch_memory_format']}" if "torch_memory_format" in settings else ""
     skipped = f" PyTorch skipped: {settings['torch_skipped']}." if "torch_skipped" in settings else ""
     return (
         f"Machine: {info['cpu']}, {info['cores']} cores ({info['threads']} threads used), JAX backend "
         f"{info['backend']} ({info['device_kind']}); jax {info['jax']}, flax {info['flax']}, optax {info['optax']}"
         f"{torch}. XLA_FLAGS={info['xla_flags']!r}, jax_default_matmul_precision="
-        f"{info['jax_default_matmul_precision']}; PyTorch layout: {settings.get('torch_memory_format', '-')}."
+        f"{info['jax_default_matmul_precision']}{layout}."
         f"{skipped} Median of {rounds} round-robin rounds; ratios are cnnjax time / baseline time."
         f"\n\nCommand: `{command}`"
     )
