@@ -4,7 +4,9 @@ Private: not part of cnnjax's API. It lives in the package, not in ``experiments
 script imports it as ``from cnnjax import _bench`` (no path set-up, whichever directory a script
 runs from) and the tests never import ``experiments/``. It imports nothing else of cnnjax, and
 PyTorch only inside the functions that set it up (:func:`import_torch`, :func:`torch_runtime`):
-a torch-free run, and the tests, never load it.
+a torch-free run, and the tests, never load it. PyTorch's set-up lives here rather than beside the
+twins in ``experiments/torch_models.py`` because ``bench_layers.py`` and ``bench_backprop.py``
+need it without the twins, and importing the twins loads PyTorch.
 
 - Optimized HLO compared modulo names, metadata and schedule: :func:`normalize_hlo`, :func:`hlo_diff`.
 - Timing: :class:`Timer` (round-robin samples, each after a settle pause) and the jitted steps it
@@ -363,7 +365,7 @@ def suite_parser(doc: str, *, torch: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Suite:
     """One run of a benchmark suite: its flags, backend, PyTorch (``None``: skipped), timer and report.
 

@@ -5,7 +5,7 @@ Run (from the repository root, on an otherwise idle machine; the same command on
     python experiments/bench_training.py                        # 7 rounds
     python experiments/bench_training.py --quick                # a quarter of every batch, 3 rounds, a smaller matmul
     python experiments/bench_training.py --json training.json --markdown training.md
-    python experiments/bench_training.py --gpu-rows --peak-tflops 989.4
+    python experiments/bench_training.py --threads 1 --no-torch
 
 Forward, backward and SGD-momentum update (optax's on the JAX side, ``torch.optim.SGD`` on
 PyTorch's): LeNet-5 on 28x28 batches of 256, ResNet-18 (CIFAR stem) on 32x32 batches of 128 and,
