@@ -21,6 +21,7 @@ Run (from the repository root, on an otherwise idle machine):
     python experiments/bench_backprop.py --quick         # smaller batches, 3 rounds
     python experiments/bench_backprop.py --only conv --json /tmp/bench.json
     python experiments/bench_backprop.py --parts         # conv layers: forward, input and kernel gradient apart
+    python experiments/bench_backprop.py --jvp --only conv   # forward mode: jax.jvp, cnnjax only
 
 ``--parts`` times, for every conv layer of the table, the three pieces of its forward+backward one at a
 time, each jitted alone: cnnjax's three conv primitives (forward, input gradient, kernel gradient)
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import time
 
 import jax
@@ -111,6 +113,13 @@ def forward_backward_step(case: Case, impl: str, inputs):
     return jax_step(jax.jit(vjp_fn(forward)), inputs, cotangent(forward, *inputs, seed=2))
 
 
+def forward_mode_step(case: Case, impl: str, inputs):
+    """A zero-argument jitted ``jax.jvp`` (output and its tangent along every input), blocked on."""
+    forward = jax_forward(case, impl)
+    tangents = tuple(_bench.random_inputs([a.shape for a in inputs], seed=3))
+    return jax_step(jax.jit(lambda p, t: jax.jvp(forward, p, t)), inputs, tangents)
+
+
 def jax_inputs(case: Case):
     x = jax.random.normal(jax.random.key(0), (case.batch, case.size, case.size, case.channels))
     if case.op != "conv":
@@ -166,13 +175,14 @@ def warm_up(steps: dict) -> None:
             calls += 1
 
 
-def bench_case(case: Case, timer: Timer, with_torch: bool) -> dict:
+def bench_case(case: Case, timer: Timer, with_torch: bool, jvp: bool = False) -> dict:
     """Milliseconds per method for one case. All methods are timed in one round-robin
     (``Timer``: a pause before every sample, so that neither framework's spinning worker
-    threads slow the other's next call)."""
+    threads slow the other's next call). ``jvp``: forward mode instead, cnnjax only."""
     inputs = jax_inputs(case)
-    steps = {impl: forward_backward_step(case, impl, inputs) for impl in IMPLS}
-    if with_torch:
+    step = forward_mode_step if jvp else forward_backward_step
+    steps = {impl: step(case, impl, inputs) for impl in IMPLS}
+    if with_torch and not jvp:
         steps |= {"torch": torch_step(case, channels_last=False), "torch_cl": torch_step(case, channels_last=True)}
     warm_up(steps)
     return {"model": case.model, "layer": case.label, **timer.median_ms(steps)}
@@ -272,11 +282,12 @@ def main(argv=None) -> None:
     parser.add_argument("--only", default="", help="run only layers whose op or model contains this text")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch columns")
     parser.add_argument("--parts", action="store_true", help="conv layers only: time forward and each gradient apart")
+    parser.add_argument("--jvp", action="store_true", help="forward mode (jax.jvp) instead, no PyTorch columns")
     parser.add_argument("--threads", type=int, help="cores for JAX and PyTorch (default: all this process may use)")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     rounds = args.rounds or (3 if args.quick else 7)
-    with_torch = not args.no_torch
+    with_torch = not (args.no_torch or args.jvp)
     threads = _bench.pin_threads(args.threads)  # before JAX's first backend call
     if with_torch:
         torch = _bench.import_torch(threads)
@@ -288,6 +299,8 @@ def main(argv=None) -> None:
         versions += f", torch {torch.__version__}"
     print(f"{versions}; {threads} threads; float32; median of {rounds} round-robin rounds", flush=True)
     measure, table = (bench_parts, parts_markdown) if args.parts else (bench_case, markdown)
+    if args.jvp:
+        measure = functools.partial(bench_case, jvp=True)
     rows = []
     for case in cases:
         rows.append(measure(case, Timer(rounds, args.min_sample_ms / 1e3), with_torch))

@@ -19,13 +19,16 @@ def assert_close(actual, expected, rtol=2e-5):
     np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=rtol, atol=atol)
 
 
-# Products this big (>= _cpu._SLAB_MIN_SIZE elements) are summed in slabs before the
-# reduction; odd sizes leave a short last slab, padded with zeros.
+# Products of more than _cpu._SLAB_SIZE elements are summed in slabs before the reduction; odd
+# sizes leave a short last slab, padded with zeros. A smaller slab size makes these (and CI)
+# small: 16 slabs, 3 along the batch and 5 of 13 rows (the last one short) along the height.
 @pytest.mark.parametrize(
     "layout, groups, cig, cog, strides",
     [("NHWC", 16, 1, 1, 1), ("NHWC", 8, 1, 2, 2), ("NCHW", 16, 1, 1, 1), ("NCHW", 8, 2, 1, 2)],
 )
-def test_depthwise_kernel_grad_in_slabs_equals_autodiff(layout, groups, cig, cog, strides):
+def test_depthwise_kernel_grad_in_slabs_equals_autodiff(layout, groups, cig, cog, strides, monkeypatch):
+    monkeypatch.setattr(_cpu, "_SLAB_SIZE", 1 << 12)
+    jax.clear_caches()  # programs compiled with the default slab size
     lay = Layout(layout == "NHWC", 2)
     rng = np.random.default_rng(groups + cig + cog + strides)
     x = jnp.asarray(rng.normal(size=lay.shape(3 * strides**2, (61, 63), groups * cig)), jnp.float32)
@@ -33,7 +36,7 @@ def test_depthwise_kernel_grad_in_slabs_equals_autodiff(layout, groups, cig, cog
     kernel = jnp.asarray(rng.normal(size=kshape), jnp.float32)
     geometry = {"strides": (strides,) * 2, "padding": 1, "feature_group_count": groups, "layout": layout}
     y, vjp = jax.vjp(lambda x, k: conv(x, k, **geometry, impl="lax"), x, kernel)
-    assert y.size * cig >= _cpu._SLAB_MIN_SIZE  # the slab path is taken
+    assert y.size * cig > _cpu._SLAB_TERMS * _cpu._SLAB_SIZE  # the slab path, all 16 slabs
     dy = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
     dx_ref, dk_ref = vjp(dy)
     y_closed, vjp_closed = jax.vjp(lambda x, k: conv(x, k, **geometry, impl="auto"), x, kernel)
