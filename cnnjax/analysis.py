@@ -48,6 +48,7 @@ __all__ = [
 
 # notes 002, "激活层的FLOPs": ReLU is one comparison per element, sigmoid four operations.
 ACTIVATION_FLOPS = {"relu": 1, "sigmoid": 4}
+"""FLOPs per element of each activation :func:`activation_flops` knows."""
 
 
 # --- closed-form counts -----------------------------------------------------------------------

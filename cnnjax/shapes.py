@@ -15,6 +15,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 
 PADDING_STRINGS = ("VALID", "SAME", "SAME_UPPER", "SAME_LOWER", "FULL")
+"""The padding strings every op accepts (case-insensitive); ints and ``(lo, hi)`` pairs too."""
 
 __all__ = [
     "PADDING_STRINGS",
