@@ -11,12 +11,12 @@ from flax import nnx
 from cnnjax import nn
 from cnnjax.models._blocks import (
     ConvBN,
-    MLPHead,
     Stack,
     check_images,
     check_model_args,
     conv_init,
     flatten,
+    pooled_mlp_head,
     scale_width,
 )
 from cnnjax.shapes import check_positive
@@ -85,13 +85,8 @@ class VGG(nnx.Module):
         self.in_features, self.small_input, self.width_multiplier = in_features, small_input, width_multiplier
         self.hidden_features = hidden_features
         self.features = Stack(*layers)
-        self.pool = nn.AdaptiveAvgPool((pooled, pooled))
-        self.classifier = MLPHead(
-            features * pooled * pooled,
-            (hidden_features, hidden_features),
-            num_classes,
-            dropout_rate=dropout_rate,
-            rngs=rngs,
+        self.pool, self.classifier = pooled_mlp_head(
+            features, pooled, hidden_features, num_classes, dropout_rate=dropout_rate, rngs=rngs
         )
         nn.set_impl(self, impl)
 
