@@ -7,7 +7,8 @@ the API reference renders them and ``mkdocs build --strict`` stays quiet about t
 - one ``Args:`` entry for parameters that share a meaning (``strides, kernel_dilation: ...``)
   becomes one entry per parameter, each with the shared description;
 - doctest examples (``>>>`` lines and their output) become ``pycon`` code blocks, so their
-  brackets are not read as Markdown links.
+  brackets are not read as Markdown links;
+- Sphinx roles (``:func:`max_pool```, ``:mod:`cnnjax.backprop```) become inline code.
 
 It also warns (a warning fails the strict build) about every public function, class or module of
 cnnjax without a docstring.
@@ -21,6 +22,7 @@ import griffe
 
 _SECTION = re.compile(r"^(\s*)(Args|Arguments|Parameters):\s*$")
 _GROUPED = re.compile(r"^(\s*)(\w+(?:,\s*\w+)+):(.*)$")
+_ROLE = re.compile(r":(?:func|mod|class|meth|data|attr|exc|obj):`~?([^`]+)`")
 
 
 def _indent(line: str) -> int:
@@ -80,7 +82,8 @@ class CnnjaxDocstrings(griffe.Extension):
             return
         if obj.docstring is not None:
             lines = obj.docstring.value.splitlines()
-            obj.docstring.value = "\n".join(fence_doctests(split_grouped_args(lines)))
+            text = "\n".join(fence_doctests(split_grouped_args(lines)))
+            obj.docstring.value = _ROLE.sub(r"`\1`", text)
         private = any(part.startswith("_") for part in obj.path.split("."))  # dunders: the class says it
         kinds = (griffe.Kind.MODULE, griffe.Kind.CLASS, griffe.Kind.FUNCTION)
         if obj.kind in kinds and not private and obj.is_public and not obj.docstring:
