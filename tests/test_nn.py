@@ -225,7 +225,7 @@ def test_call_errors_come_from_the_functional_op():
         nn.MaxPool((2, 2))(jnp.ones((8, 8, 2)))
 
 
-# --- transforms and training ---------------------------------------------------
+# --- transforms and training ----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("impl", ["lax", "closed_form"])
