@@ -536,9 +536,10 @@ def summary(model, x, *args, **kwargs) -> Summary:
     ``x``: an array or ``jax.ShapeDtypeStruct`` ``(N, *spatial, C)``. A copy of the model, in
     evaluation mode (``.eval()``: BatchNorm on running statistics, no dropout), is traced once
     with ``jax.eval_shape``: nothing is computed and ``model`` is not modified (it may itself be
-    abstract, from ``nnx.eval_shape``). The trace records every call of a :mod:`cnnjax.nn` layer,
-    ``nnx.Linear`` and ``nnx.BatchNorm``, in call order; rows are named by their attribute path
-    in the model (``"features.0"``). FLOPs and MACs are per example (see the module docstring and
+    abstract, from ``nnx.eval_shape``). The trace records every call of the model's
+    :mod:`cnnjax.nn` layers, ``nnx.Linear`` and ``nnx.BatchNorm`` layers (and their subclasses), in
+    call order, intercepted from the outside as ``flax.nnx.tabulate`` does (the layers hold no
+    hook); rows are named by their attribute path in the model (``"features.0"``). FLOPs and MACs are per example (see the module docstring and
     ``Summary.HEADER``); activations, dropout and elementwise adds are not layers and are not
     counted. ``total_params`` is :func:`count_params` of the model (every ``nnx.Param`` once);
     ``total_flops``/``total_macs`` sum the rows.
