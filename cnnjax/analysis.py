@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import ClassVar
@@ -24,8 +25,7 @@ from flax import nnx
 
 from cnnjax import nn
 from cnnjax._canon import canonicalize_padding, canonicalize_tuple, padding_pairs
-from cnnjax.pooling import _adaptive_bins
-from cnnjax.shapes import check_positive, receptive_field
+from cnnjax.shapes import adaptive_pool_bins, check_positive, receptive_field
 
 __all__ = [
     "ACTIVATION_FLOPS",
@@ -48,6 +48,7 @@ __all__ = [
 
 # notes 002, "激活层的FLOPs": ReLU is one comparison per element, sigmoid four operations.
 ACTIVATION_FLOPS = {"relu": 1, "sigmoid": 4}
+"""FLOPs per element of each activation :func:`activation_flops` knows."""
 
 
 # --- closed-form counts -----------------------------------------------------------------------
@@ -196,7 +197,9 @@ def adaptive_pool_flops(input_size, output_size, channels: int) -> int:
     """
     op = "adaptive_pool_flops"
     size, out = _sizes(op, input_size=input_size, output_size=output_size)
-    taps = math.prod(int((end - start).sum()) for start, end in map(_adaptive_bins, size, out))
+    taps = math.prod(
+        sum(end - start for start, end in adaptive_pool_bins(n, o)) for n, o in zip(size, out, strict=True)
+    )
     return taps * check_positive(channels, "channels", op)
 
 
@@ -368,29 +371,53 @@ _COSTS: dict[type, Callable] = {
     nnx.Linear: _linear_cost,
     nnx.BatchNorm: _batch_norm_cost,
 }
-_FLAX_LAYERS = (nnx.Linear, nnx.BatchNorm)  # recorded by wrapping their __call__ during summary
 
 
-def _cost_function(layer) -> Callable:
-    """The cost rule of the layer's class, or of its nearest base class (subclasses of the layers)."""
-    return next(_COSTS[cls] for cls in type(layer).__mro__ if cls in _COSTS)
+def _cost_function(layer) -> Callable | None:
+    """The cost rule of the layer's class, or of its nearest base class (subclasses of the layers); ``None``
+    for modules that are not counted layers (containers, activations, a model's own blocks)."""
+    return next((_COSTS[cls] for cls in type(layer).__mro__ if cls in _COSTS), None)
 
 
 @contextlib.contextmanager
-def _recording_flax_layers():
-    """Temporarily route the Flax layers' ``__call__`` through :func:`cnnjax.nn._recorded`.
+def _recording_calls(layers, record: Callable):
+    """Within the block, every call ``layer(x, ...)`` of one of ``layers`` also calls ``record(layer, x, y)``.
 
-    The patch is process-wide while it lasts, but only calls made in this context are recorded:
-    the recorder is a context variable.
+    Calls are intercepted from the outside, as ``flax.nnx.tabulate`` does: for the block, the classes
+    of ``layers`` have their ``__call__`` replaced by a wrapper, and restored after; the layers know
+    nothing of it. The patch is process-wide while it lasts, but only calls of ``layers`` (by
+    identity) are recorded, each once, also when a subclass's ``__call__`` calls its base's.
     """
-    originals = {cls: cls.__dict__["__call__"] for cls in _FLAX_LAYERS}
+    recorded = {id(layer) for layer in layers}
+    running: set[int] = set()
+
+    def wrap(call: Callable) -> Callable:
+        @functools.wraps(call)
+        def wrapper(self, x, *args, **kwargs):
+            if id(self) not in recorded or id(self) in running:
+                return call(self, x, *args, **kwargs)
+            running.add(id(self))
+            try:
+                y = call(self, x, *args, **kwargs)
+            finally:
+                running.discard(id(self))
+            record(self, x, y)
+            return y
+
+        return wrapper
+
+    classes = {type(layer) for layer in layers}
+    own_calls = {cls: cls.__dict__.get("__call__") for cls in classes}
     try:
-        for cls, call in originals.items():
-            cls.__call__ = nn._recorded(call)
+        for cls in classes:
+            cls.__call__ = wrap(cls.__call__)
         yield
     finally:
-        for cls, call in originals.items():
-            cls.__call__ = call
+        for cls, call in own_calls.items():
+            if call is None:
+                del cls.__call__
+            else:
+                cls.__call__ = call
 
 
 class _FieldTracker:
@@ -509,9 +536,10 @@ def summary(model, x, *args, **kwargs) -> Summary:
     ``x``: an array or ``jax.ShapeDtypeStruct`` ``(N, *spatial, C)``. A copy of the model, in
     evaluation mode (``.eval()``: BatchNorm on running statistics, no dropout), is traced once
     with ``jax.eval_shape``: nothing is computed and ``model`` is not modified (it may itself be
-    abstract, from ``nnx.eval_shape``). The trace records every call of a :mod:`cnnjax.nn` layer,
-    ``nnx.Linear`` and ``nnx.BatchNorm``, in call order; rows are named by their attribute path
-    in the model (``"features.0"``). FLOPs and MACs are per example (see the module docstring and
+    abstract, from ``nnx.eval_shape``). The trace records every call of the model's
+    :mod:`cnnjax.nn` layers, ``nnx.Linear`` and ``nnx.BatchNorm`` layers (and their subclasses), in
+    call order, intercepted from the outside as ``flax.nnx.tabulate`` does (the layers hold no
+    hook); rows are named by their attribute path in the model (``"features.0"``). FLOPs and MACs are per example (see the module docstring and
     ``Summary.HEADER``); activations, dropout and elementwise adds are not layers and are not
     counted. ``total_params`` is :func:`count_params` of the model (every ``nnx.Param`` once);
     ``total_flops``/``total_macs`` sum the rows.
@@ -538,7 +566,8 @@ def summary(model, x, *args, **kwargs) -> Summary:
     def forward(state, x):
         module = nnx.merge(graphdef, state)
         module.eval()  # inference costs; a training-mode BatchNorm would also slow the trace down
-        names = {id(m): ".".join(map(str, path)) or type(m).__name__ for path, m in nnx.iter_modules(module)}
+        layers = [(path, m) for path, m in nnx.iter_modules(module) if _cost_function(m)]
+        names = {id(m): ".".join(map(str, path)) or type(m).__name__ for path, m in layers}
         tracker = _FieldTracker(x)
 
         def record(layer, layer_x, layer_y):
@@ -550,7 +579,7 @@ def summary(model, x, *args, **kwargs) -> Summary:
             fields = None if chain is None or cost.windows == _PASSTHROUGH else [receptive_field(d) for d in chain]
             rows.append(
                 LayerRow(
-                    name=names.get(id(layer), type(layer).__name__),
+                    name=names[id(layer)],
                     type=type(layer).__name__,
                     output_shape=tuple(layer_y.shape),
                     params=count_params(layer),
@@ -561,7 +590,7 @@ def summary(model, x, *args, **kwargs) -> Summary:
                 )
             )
 
-        with nn._recording(record), _recording_flax_layers():
+        with _recording_calls([m for _, m in layers], record):
             module(x, *args, **kwargs)
 
     jax.eval_shape(forward, state, x)

@@ -13,17 +13,11 @@ same parameters, both give the same output. As in Flax, an int ``kernel_size`` m
 and ``"SAME_LOWER"``/``"FULL"``; boundary handling is ``padding_mode`` (``"reflect"``,
 ``"replicate"``, ``"circular"``) rather than Flax's ``"CIRCULAR"``/``"REFLECT"`` padding strings;
 inputs must have exactly one batch dim.
-
-Every ``__call__`` is wrapped by :func:`_recorded`, which reports ``(module, x, y)`` to the
-recorder installed by :func:`cnnjax.analysis.summary` (a ``contextvars`` hook; a no-op otherwise).
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax.numpy as jnp
 from flax import nnx
@@ -61,32 +55,6 @@ __all__ = [
 
 default_kernel_init = nnx.initializers.lecun_normal()
 default_bias_init = nnx.initializers.zeros_init()
-
-_RECORDER: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("cnnjax_nn_recorder", default=None)
-
-
-@contextlib.contextmanager
-def _recording(callback: Callable):
-    """Within the block, every recorded ``__call__`` also calls ``callback(module, x, y)``."""
-    token = _RECORDER.set(callback)
-    try:
-        yield
-    finally:
-        _RECORDER.reset(token)
-
-
-def _recorded(call: Callable) -> Callable:
-    """Wrap a module's ``__call__(self, x, ...)`` so the active recorder sees ``(self, x, y)``."""
-
-    @functools.wraps(call)
-    def wrapper(self, x, *args, **kwargs):
-        y = call(self, x, *args, **kwargs)
-        callback = _RECORDER.get()
-        if callback is not None:
-            callback(self, x, y)
-        return y
-
-    return wrapper
 
 
 def _kernel_size(kernel_size, op: str) -> tuple[int, ...]:
@@ -169,7 +137,6 @@ class Conv(nnx.Module):
         self.use_bias, self.dtype, self.param_dtype = use_bias, dtype, param_dtype
         self.precision, self.impl = precision, impl
 
-    @_recorded
     def __call__(self, x):
         x, kernel, bias = _params(self, x, self.kernel, self.bias)
         return conv(
@@ -243,7 +210,6 @@ class ConvTranspose(nnx.Module):
         self.use_bias, self.dtype, self.param_dtype = use_bias, dtype, param_dtype
         self.precision, self.impl = precision, impl
 
-    @_recorded
     def __call__(self, x):
         x, kernel, bias = _params(self, x, self.kernel, self.bias)
         return conv_transpose(
@@ -304,7 +270,6 @@ class DepthwiseConv(nnx.Module):
         self.padding_mode, self.use_bias, self.dtype = padding_mode, use_bias, dtype
         self.param_dtype, self.precision, self.impl = param_dtype, precision, impl
 
-    @_recorded
     def __call__(self, x):
         x, kernel, bias = _params(self, x, self.kernel, self.bias)
         return depthwise_conv(
@@ -369,7 +334,6 @@ class SeparableConv(nnx.Module):
         self.padding_mode, self.use_bias, self.dtype = padding_mode, use_bias, dtype
         self.param_dtype, self.precision, self.impl = param_dtype, precision, impl
 
-    @_recorded
     def __call__(self, x):
         x, depthwise, pointwise, bias = _params(self, x, self.depthwise_kernel, self.pointwise_kernel, self.bias)
         return separable_conv(
@@ -411,7 +375,6 @@ class MaxPool(nnx.Module):
         self.window_shape, self.strides, self.padding = window_shape, strides, padding
         self.window_dilation, self.ceil_mode, self.impl = window_dilation, ceil_mode, impl
 
-    @_recorded
     def __call__(self, x):
         return max_pool(
             x,
@@ -451,7 +414,6 @@ class AvgPool(nnx.Module):
         self.ceil_mode, self.count_include_pad, self.divisor_override = ceil_mode, count_include_pad, divisor_override
         self.impl = impl
 
-    @_recorded
     def __call__(self, x):
         return avg_pool(
             x,
@@ -489,7 +451,6 @@ class LPPool(nnx.Module):
         self.p, self.window_shape, self.strides, self.padding = p, window_shape, strides, padding
         self.ceil_mode, self.impl = ceil_mode, impl
 
-    @_recorded
     def __call__(self, x):
         return lp_pool(
             x, self.p, self.window_shape, self.strides, self.padding, ceil_mode=self.ceil_mode, impl=self.impl
@@ -508,7 +469,6 @@ class GlobalAvgPool(nnx.Module):
     def __init__(self, keepdims: bool = False, *, impl: str = "auto"):
         self.keepdims, self.impl = keepdims, impl
 
-    @_recorded
     def __call__(self, x):
         return global_avg_pool(x, keepdims=self.keepdims, impl=self.impl)
 
@@ -525,7 +485,6 @@ class GlobalMaxPool(nnx.Module):
     def __init__(self, keepdims: bool = False, *, impl: str = "auto"):
         self.keepdims, self.impl = keepdims, impl
 
-    @_recorded
     def __call__(self, x):
         return global_max_pool(x, keepdims=self.keepdims, impl=self.impl)
 
@@ -543,7 +502,6 @@ class AdaptiveAvgPool(nnx.Module):
     def __init__(self, output_size: int | Sequence[int], *, impl: str = "auto"):
         self.output_size, self.impl = output_size, impl
 
-    @_recorded
     def __call__(self, x):
         return adaptive_avg_pool(x, self.output_size, impl=self.impl)
 
@@ -560,7 +518,6 @@ class AdaptiveMaxPool(nnx.Module):
     def __init__(self, output_size: int | Sequence[int], *, impl: str = "auto"):
         self.output_size, self.impl = output_size, impl
 
-    @_recorded
     def __call__(self, x):
         return adaptive_max_pool(x, self.output_size, impl=self.impl)
 
@@ -579,7 +536,6 @@ class SpatialPyramidPool(nnx.Module):
     def __init__(self, levels: Sequence[int] = (1, 2, 4), mode: str = "max", *, impl: str = "auto"):
         self.levels, self.mode, self.impl = levels, mode, impl
 
-    @_recorded
     def __call__(self, x):
         return spatial_pyramid_pool(x, self.levels, self.mode, impl=self.impl)
 

@@ -120,6 +120,7 @@ def top5(model, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """``cnnjax-predict``'s arguments: ``--model``, ``--weights`` and one or more images."""
     parser = argparse.ArgumentParser(
         prog="cnnjax-predict",
         description="Top-5 ImageNet classes of images, with torchvision's weights in a cnnjax model.",
@@ -133,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``cnnjax-predict``: print each image's path and its top-5 classes; exit status 0, or 1 on bad input."""
     args = build_parser().parse_args(argv)
     try:
         images = np.stack([load_image(path) for path in args.images])

@@ -15,10 +15,12 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 
 PADDING_STRINGS = ("VALID", "SAME", "SAME_UPPER", "SAME_LOWER", "FULL")
+"""The padding strings every op accepts (case-insensitive); ints and ``(lo, hi)`` pairs too."""
 
 __all__ = [
     "PADDING_STRINGS",
     "ReceptiveField",
+    "adaptive_pool_bins",
     "check_positive",
     "conv_output_size",
     "conv_transpose_output_size",
@@ -170,6 +172,19 @@ def pool_output_size(
     if ceil_mode and (out - 1) * s >= n + lo:
         out -= 1
     return out
+
+
+def adaptive_pool_bins(n: int, out: int) -> tuple[tuple[int, int], ...]:
+    """PyTorch's adaptive-pool bins along one dimension: bin ``i`` is ``[floor(i*n/out), ceil((i+1)*n/out))``.
+
+    Neighbouring bins overlap by one position where ``out`` does not divide ``n``.
+
+    >>> adaptive_pool_bins(5, 3), adaptive_pool_bins(4, 2)
+    (((0, 2), (1, 4), (3, 5)), ((0, 2), (2, 4)))
+    """
+    n = check_positive(n, "n", "adaptive_pool_bins")
+    out = check_positive(out, "out", "adaptive_pool_bins")
+    return tuple((i * n // out, -(-(i + 1) * n // out)) for i in range(out))
 
 
 def pool_window_counts(

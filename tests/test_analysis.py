@@ -163,6 +163,35 @@ def test_summary_leaves_the_model_and_flax_classes_untouched():
     assert nnx.BatchNorm.__call__.__qualname__ == "BatchNorm.__call__"
 
 
+class _ScaledConv(nn.Conv):
+    """A user's subclass whose ``__call__`` calls the base class's."""
+
+    def __call__(self, x):
+        return 2 * super().__call__(x)
+
+
+class _NamedPool(nn.MaxPool):
+    """A user's subclass that inherits ``__call__``."""
+
+
+def test_summary_intercepts_calls_from_outside_the_layers():
+    model = nnx.Sequential(
+        _ScaledConv(1, 2, (3, 3), rngs=nnx.Rngs(0)), nn.Conv(2, 2, (3, 3), rngs=nnx.Rngs(0)), _NamedPool(2)
+    )
+    rows = summary(model, _abstract((1, 8, 8, 1))).rows
+    # the subclass is one row (not one for its call and one for nn.Conv's), named by its path
+    assert [(r.name, r.type, r.output_shape, r.flops) for r in rows] == [
+        ("layers.0", "_ScaledConv", (1, 8, 8, 2), conv_flops(1, 2, 3, 8)),
+        ("layers.1", "Conv", (1, 8, 8, 2), conv_flops(2, 2, 3, 8)),
+        ("layers.2", "_NamedPool", (1, 4, 4, 2), pool_flops(2, 4, 2)),
+    ]
+    assert rows[1].receptive_field == (5, 5)
+    # every class is itself again: the subclass inherits nothing new, the layers carry no hook
+    assert "__call__" in _ScaledConv.__dict__ and _ScaledConv.__call__.__qualname__ == "_ScaledConv.__call__"
+    assert nn.Conv.__call__.__qualname__ == "Conv.__call__" and nn.MaxPool.__call__.__qualname__ == "MaxPool.__call__"
+    assert "__call__" not in _NamedPool.__dict__ and not hasattr(nn.Conv.__call__, "__wrapped__")
+
+
 def _layer_row(layer, shape):
     (row,) = summary(layer, _abstract(shape)).rows
     return row

@@ -225,22 +225,7 @@ def test_call_errors_come_from_the_functional_op():
         nn.MaxPool((2, 2))(jnp.ones((8, 8, 2)))
 
 
-# --- recorder hook, transforms and training ---------------------------------------------------
-
-
-def test_recorder_sees_every_layer_call_in_order_and_is_off_by_default():
-    model = nnx.Sequential(nn.Conv(1, 2, (3, 3), rngs=nnx.Rngs(0)), nn.MaxPool(2), nn.GlobalAvgPool())
-    x = jnp.ones((1, 8, 8, 1))
-    calls = []
-    with nn._recording(lambda layer, a, b: calls.append((type(layer).__name__, a.shape, b.shape))):
-        model(x)
-    assert calls == [
-        ("Conv", (1, 8, 8, 1), (1, 8, 8, 2)),
-        ("MaxPool", (1, 8, 8, 2), (1, 4, 4, 2)),
-        ("GlobalAvgPool", (1, 4, 4, 2), (1, 2)),
-    ]
-    model(x)
-    assert len(calls) == 3
+# --- transforms and training ----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("impl", ["lax", "closed_form"])

@@ -210,3 +210,26 @@ class MLPHead(nnx.Module):
         for linear in self.hidden:
             x = self.dropout(jax.nn.relu(linear(x)), deterministic=eval_flag(train))
         return self.out(x)
+
+
+def pooled_mlp_head(
+    features: int, pooled: int, hidden_features: int, num_classes: int, *, dropout_rate: float, rngs: nnx.Rngs
+) -> tuple[nn.AdaptiveAvgPool, MLPHead]:
+    """AlexNet's and VGG's head, as torchvision's: ``(pool, classifier)``.
+
+    ``pool`` averages the feature map to ``pooled x pooled`` (PyTorch's adaptive bins), and
+    ``classifier`` is an :class:`MLPHead` with two hidden layers of ``hidden_features`` on the
+    flattened map (``features * pooled * pooled`` inputs).
+
+    >>> pool, classifier = pooled_mlp_head(8, 2, 16, 3, dropout_rate=0.5, rngs=nnx.Rngs(0))
+    >>> classifier(flatten(pool(jnp.ones((1, 5, 5, 8)))), train=False).shape
+    (1, 3)
+    """
+    classifier = MLPHead(
+        features * pooled * pooled,
+        (hidden_features, hidden_features),
+        num_classes,
+        dropout_rate=dropout_rate,
+        rngs=rngs,
+    )
+    return nn.AdaptiveAvgPool((pooled, pooled)), classifier

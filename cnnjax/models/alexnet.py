@@ -7,12 +7,12 @@ from flax import nnx
 
 from cnnjax import nn
 from cnnjax.models._blocks import (
-    MLPHead,
     Stack,
     check_images,
     check_model_args,
     conv_init,
     flatten,
+    pooled_mlp_head,
     scale_width,
 )
 from cnnjax.shapes import check_positive
@@ -88,13 +88,8 @@ class AlexNet(nnx.Module):
             nn.MaxPool((3, 3), 2),
         )
         pooled = 1 if small_input else 6
-        self.pool = nn.AdaptiveAvgPool((pooled, pooled))
-        self.classifier = MLPHead(
-            c5 * pooled * pooled,
-            (hidden_features, hidden_features),
-            num_classes,
-            dropout_rate=dropout_rate,
-            rngs=rngs,
+        self.pool, self.classifier = pooled_mlp_head(
+            c5, pooled, hidden_features, num_classes, dropout_rate=dropout_rate, rngs=rngs
         )
         nn.set_impl(self, impl)
 

@@ -145,6 +145,10 @@ class DenseNet(nnx.Module):
 
 
 densenet121 = functools.partial(DenseNet, stage_sizes=(6, 12, 24, 16), growth_rate=32, num_init_features=64)
+"""DenseNet-121 (torchvision's ``densenet121``; 7,978,856 parameters at 1000 classes)."""
 densenet161 = functools.partial(DenseNet, stage_sizes=(6, 12, 36, 24), growth_rate=48, num_init_features=96)
+"""DenseNet-161 (torchvision's ``densenet161``; 28,681,000 parameters at 1000 classes)."""
 densenet169 = functools.partial(DenseNet, stage_sizes=(6, 12, 32, 32), growth_rate=32, num_init_features=64)
+"""DenseNet-169 (torchvision's ``densenet169``; 14,149,480 parameters at 1000 classes)."""
 densenet201 = functools.partial(DenseNet, stage_sizes=(6, 12, 48, 32), growth_rate=32, num_init_features=64)
+"""DenseNet-201 (torchvision's ``densenet201``; 20,013,928 parameters at 1000 classes)."""

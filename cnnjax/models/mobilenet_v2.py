@@ -136,3 +136,4 @@ class MobileNetV2(nnx.Module):
 
 
 mobilenet_v2 = functools.partial(MobileNetV2, inverted_residual_setting=INVERTED_RESIDUALS)
+"""MobileNet v2 (torchvision's ``mobilenet_v2``; 3,504,872 parameters at 1000 classes)."""

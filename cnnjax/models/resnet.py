@@ -180,10 +180,18 @@ class ResNet(nnx.Module):
 
 
 resnet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block=BasicBlock)
+"""ResNet-18 (torchvision's ``resnet18``; 11,689,512 parameters at 1000 classes)."""
 resnet34 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block=BasicBlock)
+"""ResNet-34 (torchvision's ``resnet34``; 21,797,672 parameters at 1000 classes)."""
 resnet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block=Bottleneck)
+"""ResNet-50 v1.5 (torchvision's ``resnet50``; 25,557,032 parameters at 1000 classes)."""
 resnet101 = functools.partial(ResNet, stage_sizes=(3, 4, 23, 3), block=Bottleneck)
+"""ResNet-101 (torchvision's ``resnet101``; 44,549,160 parameters at 1000 classes)."""
 resnet152 = functools.partial(ResNet, stage_sizes=(3, 8, 36, 3), block=Bottleneck)
+"""ResNet-152 (torchvision's ``resnet152``; 60,192,808 parameters at 1000 classes)."""
 resnext50_32x4d = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block=Bottleneck, groups=32, width_per_group=4)
+"""ResNeXt-50 32x4d (torchvision's ``resnext50_32x4d``; 25,028,904 parameters at 1000 classes)."""
 resnext101_32x8d = functools.partial(ResNet, stage_sizes=(3, 4, 23, 3), block=Bottleneck, groups=32, width_per_group=8)
+"""ResNeXt-101 32x8d (torchvision's ``resnext101_32x8d``; 88,791,336 parameters at 1000 classes)."""
 wide_resnet50_2 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block=Bottleneck, width_per_group=128)
+"""Wide ResNet-50-2 (torchvision's ``wide_resnet50_2``; 68,883,240 parameters at 1000 classes)."""

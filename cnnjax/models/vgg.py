@@ -11,12 +11,12 @@ from flax import nnx
 from cnnjax import nn
 from cnnjax.models._blocks import (
     ConvBN,
-    MLPHead,
     Stack,
     check_images,
     check_model_args,
     conv_init,
     flatten,
+    pooled_mlp_head,
     scale_width,
 )
 from cnnjax.shapes import check_positive
@@ -85,13 +85,8 @@ class VGG(nnx.Module):
         self.in_features, self.small_input, self.width_multiplier = in_features, small_input, width_multiplier
         self.hidden_features = hidden_features
         self.features = Stack(*layers)
-        self.pool = nn.AdaptiveAvgPool((pooled, pooled))
-        self.classifier = MLPHead(
-            features * pooled * pooled,
-            (hidden_features, hidden_features),
-            num_classes,
-            dropout_rate=dropout_rate,
-            rngs=rngs,
+        self.pool, self.classifier = pooled_mlp_head(
+            features, pooled, hidden_features, num_classes, dropout_rate=dropout_rate, rngs=rngs
         )
         nn.set_impl(self, impl)
 
@@ -107,10 +102,18 @@ _B = ((64, 64), (128, 128), (256, 256), (512, 512), (512, 512))
 _D = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
 _E = ((64, 64), (128, 128), (256,) * 4, (512,) * 4, (512,) * 4)
 vgg11 = functools.partial(VGG, stage_features=_A)
+"""VGG-11, configuration A (torchvision's ``vgg11``; 132,863,336 parameters at 1000 classes)."""
 vgg13 = functools.partial(VGG, stage_features=_B)
+"""VGG-13, configuration B (torchvision's ``vgg13``; 133,047,848 parameters at 1000 classes)."""
 vgg16 = functools.partial(VGG, stage_features=_D)
+"""VGG-16, configuration D (torchvision's ``vgg16``; 138,357,544 parameters at 1000 classes)."""
 vgg19 = functools.partial(VGG, stage_features=_E)
+"""VGG-19, configuration E (torchvision's ``vgg19``; 143,667,240 parameters at 1000 classes)."""
 vgg11_bn = functools.partial(VGG, stage_features=_A, batch_norm=True)
+"""VGG-11 with batch norm (torchvision's ``vgg11_bn``; 132,868,840 parameters at 1000 classes)."""
 vgg13_bn = functools.partial(VGG, stage_features=_B, batch_norm=True)
+"""VGG-13 with batch norm (torchvision's ``vgg13_bn``; 133,053,736 parameters at 1000 classes)."""
 vgg16_bn = functools.partial(VGG, stage_features=_D, batch_norm=True)
+"""VGG-16 with batch norm (torchvision's ``vgg16_bn``; 138,365,992 parameters at 1000 classes)."""
 vgg19_bn = functools.partial(VGG, stage_features=_E, batch_norm=True)
+"""VGG-19 with batch norm (torchvision's ``vgg19_bn``; 143,678,248 parameters at 1000 classes)."""
