@@ -46,6 +46,33 @@ def test_depthwise_kernel_grad_in_slabs_equals_autodiff(layout, groups, cig, cog
     assert_close(dk, dk_ref, rtol=1e-4)  # sums of 6,000 products in another order
 
 
+# Past _MAX_UNROLLED_KERNEL_GRAD_TAPS taps the depthwise kernel gradient loops over the taps
+# (a dynamic slice of a padded copy per tap): every padding, stride and dilation, one or several
+# channels per group, both layouts, and taps that meet only padding.
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW", "NWC"])
+@pytest.mark.parametrize(
+    "cig, cog, strides, padding, dilation",
+    [(1, 1, 1, "SAME", 1), (1, 2, 2, ((3, 1), (0, 2)), 1), (2, 1, (1, 2), 1, 2), (1, 1, 3, ((6, 6), (6, 6)), 1)],
+)
+def test_depthwise_kernel_grad_looped_over_taps_equals_autodiff(layout, cig, cog, strides, padding, dilation):
+    rank = len(layout) - 2
+    lay = Layout(layout.endswith("C"), rank)
+    window, size = ((4, 5), (9, 10)) if rank == 2 else ((11,), (24,))
+    assert np.prod(window) > _cpu._MAX_UNROLLED_KERNEL_GRAD_TAPS  # the loop runs
+    padding = padding[:rank] if isinstance(padding, tuple) else padding
+    strides = strides[:rank] if isinstance(strides, tuple) else strides
+    rng = np.random.default_rng(cig + 2 * cog)
+    groups = 3
+    x = jnp.asarray(rng.normal(size=lay.shape(2, size, groups * cig)), jnp.float32)
+    kshape = (*window, cig, groups * cog) if lay.channels_last else (groups * cog, cig, *window)
+    kernel = jnp.asarray(rng.normal(size=kshape), jnp.float32)
+    geometry = {"strides": strides, "padding": padding, "kernel_dilation": dilation, "feature_group_count": groups}
+    y, vjp = jax.vjp(lambda x, k: conv(x, k, **geometry, layout=layout, impl="lax"), x, kernel)
+    dy = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+    _, vjp_auto = jax.vjp(lambda x, k: conv(x, k, **geometry, layout=layout, impl="auto"), x, kernel)
+    assert_close(vjp_auto(dy)[1], vjp(dy)[1])
+
+
 # Few input channels: the input gradient folds the last axis's taps (every axis's, with one
 # channel) into the channels; the leading axes need stride 1, else the phase form runs.
 @pytest.mark.parametrize("layout", ["NWC", "NCW", "NHWC", "NCHW", "NDHWC", "NCDHW"])
