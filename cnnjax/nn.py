@@ -2,8 +2,14 @@
 
 Every module is thin: ``__init__`` creates parameters, ``__call__`` calls one functional op from
 :mod:`cnnjax.convolution` or :mod:`cnnjax.pooling` and nothing else. Every layer takes ``impl``
-(:mod:`cnnjax.backprop`), which :func:`set_impl` sets on every layer of a model at once. Inputs are batched and
-channels-last, ``(N, *spatial, C)`` with 1 to 3 spatial dims; the functional op validates them.
+(:mod:`cnnjax.backprop`), which :func:`set_impl` sets on every layer of a model at once. Inputs are
+channels-last, ``(*batch, *spatial, C)`` with 1 to 3 spatial dims and, as ``flax.nnx.Conv`` takes
+them, any number of leading batch axes: none (unbatched), one, or several, folded into one for the
+functional op (:func:`_over_batch_axes`) and unfolded in the result. The number of spatial dims is
+fixed by ``kernel_size`` (conv layers), by a ``window_shape``/``output_size`` sequence (pools);
+where no argument fixes it (an int ``window_shape`` or ``output_size``, the global and pyramid
+pools) every axis but the first and the last is spatial: exactly one batch axis, as in the
+functional ops. The functional op validates the rest.
 
 ``Conv`` takes the arguments ``flax.nnx.Conv`` takes for the options they share, with the same
 meaning and defaults (kernel ``(*kernel_size, in_features // feature_group_count, out_features)``,
@@ -11,8 +17,7 @@ LeCun-normal kernel, zero bias, ``padding="SAME"``), so one can replace the othe
 same parameters, both give the same output. As in Flax, an int ``kernel_size`` means a 1-D kernel
 ``(k,)``: write ``(3, 3)`` for a 2-D one. Differences: ``padding`` also takes PyTorch-style ints
 and ``"SAME_LOWER"``/``"FULL"``; boundary handling is ``padding_mode`` (``"reflect"``,
-``"replicate"``, ``"circular"``) rather than Flax's ``"CIRCULAR"``/``"REFLECT"`` padding strings;
-inputs must have exactly one batch dim.
+``"replicate"``, ``"circular"``) rather than Flax's ``"CIRCULAR"``/``"REFLECT"`` padding strings.
 
 Every ``__call__`` is wrapped by :func:`_recorded`, which reports ``(module, x, y)`` to the
 recorder installed by :func:`cnnjax.analysis.summary` (a ``contextvars`` hook; a no-op otherwise).
@@ -23,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import math
 from collections.abc import Callable, Sequence
 
 import jax.numpy as jnp
@@ -89,6 +95,23 @@ def _recorded(call: Callable) -> Callable:
     return wrapper
 
 
+def _over_batch_axes(x, rank: int | None, call: Callable):
+    """``call(x)`` with the leading batch axes of ``x``, ``(*batch, *spatial, C)`` with ``rank``
+    spatial dims, folded into one and unfolded in the result, as ``flax.nnx.Conv`` does. An input
+    with at most one batch axis, or any input when ``rank`` is ``None`` (no argument fixes it),
+    goes to ``call`` as it is: the functional ops take unbatched inputs themselves."""
+    if rank is None or jnp.ndim(x) <= rank + 2:
+        return call(x)
+    batch = jnp.shape(x)[: jnp.ndim(x) - rank - 1]
+    y = call(jnp.reshape(x, (math.prod(batch), *jnp.shape(x)[len(batch) :])))
+    return y.reshape(*batch, *y.shape[1:])
+
+
+def _window_rank(value) -> int | None:
+    """The spatial rank a pool layer's ``window_shape``/``output_size`` fixes: its length if a sequence."""
+    return len(value) if isinstance(value, Sequence) and not isinstance(value, str) else None
+
+
 def _kernel_size(kernel_size, op: str) -> tuple[int, ...]:
     """Flax's rule: an int is a 1-D kernel ``(k,)``, a sequence gives one size per spatial dim."""
     if isinstance(kernel_size, Sequence) and not isinstance(kernel_size, str):
@@ -125,8 +148,10 @@ def _params(module, x, *params):
 class Conv(nnx.Module):
     """Convolution (cross-correlation), a drop-in for ``flax.nnx.Conv``, calling :func:`cnnjax.convolution.conv`.
 
-    ``x: (N, *spatial, in_features)`` -> ``(N, *out, out_features)`` with, per spatial dim,
-    ``out = floor((n + lo + hi - d*(k-1) - 1) / s) + 1`` (``"SAME"``: ``ceil(n / s)``).
+    ``x: (*batch, *spatial, in_features)`` -> ``(*batch, *out, out_features)`` with, per spatial
+    dim, ``out = floor((n + lo + hi - d*(k-1) - 1) / s) + 1`` (``"SAME"``: ``ceil(n / s)``);
+    ``len(kernel_size)`` spatial dims and any number of leading batch axes, none included, as
+    ``flax.nnx.Conv``.
     Parameters: ``kernel`` ``(*kernel_size, in_features // feature_group_count, out_features)``
     (HWIO) and ``bias`` ``(out_features,)``. ``impl`` (``"auto"``,
     ``"closed_form"``, ``"lax"``) says how it is computed and differentiated (:mod:`cnnjax.backprop`).
@@ -134,6 +159,8 @@ class Conv(nnx.Module):
     >>> layer = Conv(3, 8, (3, 3), rngs=nnx.Rngs(0))
     >>> layer.kernel.shape, layer(jnp.ones((2, 16, 16, 3))).shape
     ((3, 3, 3, 8), (2, 16, 16, 8))
+    >>> layer(jnp.ones((16, 16, 3))).shape, layer(jnp.ones((4, 2, 16, 16, 3))).shape
+    ((16, 16, 8), (4, 2, 16, 16, 8))
     """
 
     def __init__(
@@ -172,26 +199,30 @@ class Conv(nnx.Module):
     @_recorded
     def __call__(self, x):
         x, kernel, bias = _params(self, x, self.kernel, self.bias)
-        return conv(
+        return _over_batch_axes(
             x,
-            kernel,
-            bias,
-            strides=self.strides,
-            padding=self.padding,
-            kernel_dilation=self.kernel_dilation,
-            input_dilation=self.input_dilation,
-            feature_group_count=self.feature_group_count,
-            padding_mode=self.padding_mode,
-            precision=self.precision,
-            impl=self.impl,
+            len(self.kernel_size),
+            lambda x: conv(
+                x,
+                kernel,
+                bias,
+                strides=self.strides,
+                padding=self.padding,
+                kernel_dilation=self.kernel_dilation,
+                input_dilation=self.input_dilation,
+                feature_group_count=self.feature_group_count,
+                padding_mode=self.padding_mode,
+                precision=self.precision,
+                impl=self.impl,
+            ),
         )
 
 
 class ConvTranspose(nnx.Module):
     """Transposed convolution, the adjoint of :class:`Conv`, calling :func:`cnnjax.convolution.conv_transpose`.
 
-    ``x: (N, *spatial, in_features)`` -> ``(N, *out, out_features)`` with, per spatial dim,
-    ``out = (n-1)*s - lo - hi + d*(k-1) + 1 + output_padding`` (``"SAME"``: ``n*s``;
+    ``x: (*batch, *spatial, in_features)`` -> ``(*batch, *out, out_features)`` (batch axes as
+    :class:`Conv`) with, per spatial dim, ``out = (n-1)*s - lo - hi + d*(k-1) + 1 + output_padding`` (``"SAME"``: ``n*s``;
     ``"VALID"``: ``(n-1)*s + d*(k-1) + 1``). It computes exactly PyTorch's ``ConvTranspose``:
     ``padding=p`` (an int) and ``output_padding`` mean what they mean there.
 
@@ -246,25 +277,29 @@ class ConvTranspose(nnx.Module):
     @_recorded
     def __call__(self, x):
         x, kernel, bias = _params(self, x, self.kernel, self.bias)
-        return conv_transpose(
+        return _over_batch_axes(
             x,
-            kernel,
-            bias,
-            strides=self.strides,
-            padding=self.padding,
-            output_padding=self.output_padding,
-            kernel_dilation=self.kernel_dilation,
-            feature_group_count=self.feature_group_count,
-            precision=self.precision,
-            impl=self.impl,
+            len(self.kernel_size),
+            lambda x: conv_transpose(
+                x,
+                kernel,
+                bias,
+                strides=self.strides,
+                padding=self.padding,
+                output_padding=self.output_padding,
+                kernel_dilation=self.kernel_dilation,
+                feature_group_count=self.feature_group_count,
+                precision=self.precision,
+                impl=self.impl,
+            ),
         )
 
 
 class DepthwiseConv(nnx.Module):
     """Depthwise convolution (one filter bank per channel), calling :func:`cnnjax.convolution.depthwise_conv`.
 
-    ``x: (N, *spatial, in_features)`` -> ``(N, *out, in_features * depth_multiplier)``, sizes as
-    :class:`Conv`. Parameters: ``kernel`` ``(*kernel_size, 1, in_features * depth_multiplier)``
+    ``x: (*batch, *spatial, in_features)`` -> ``(*batch, *out, in_features * depth_multiplier)``,
+    sizes and batch axes as :class:`Conv`. Parameters: ``kernel`` ``(*kernel_size, 1, in_features * depth_multiplier)``
     (output channel ``c*m + j`` reads input channel ``c``, as Keras and PyTorch's
     ``groups=in_channels``) and ``bias``.
 
@@ -307,23 +342,27 @@ class DepthwiseConv(nnx.Module):
     @_recorded
     def __call__(self, x):
         x, kernel, bias = _params(self, x, self.kernel, self.bias)
-        return depthwise_conv(
+        return _over_batch_axes(
             x,
-            kernel,
-            bias,
-            strides=self.strides,
-            padding=self.padding,
-            kernel_dilation=self.kernel_dilation,
-            padding_mode=self.padding_mode,
-            precision=self.precision,
-            impl=self.impl,
+            len(self.kernel_size),
+            lambda x: depthwise_conv(
+                x,
+                kernel,
+                bias,
+                strides=self.strides,
+                padding=self.padding,
+                kernel_dilation=self.kernel_dilation,
+                padding_mode=self.padding_mode,
+                precision=self.precision,
+                impl=self.impl,
+            ),
         )
 
 
 class SeparableConv(nnx.Module):
     """Depthwise-separable convolution (depthwise, then 1x1), calling :func:`cnnjax.convolution.separable_conv`.
 
-    ``x: (N, *spatial, in_features)`` -> ``(N, *out, out_features)``, sizes as :class:`Conv`
+    ``x: (*batch, *spatial, in_features)`` -> ``(*batch, *out, out_features)``, sizes and batch axes as :class:`Conv`
     (the stride and padding belong to the depthwise step). Parameters: ``depthwise_kernel``
     ``(*kernel_size, 1, in_features * depth_multiplier)``, ``pointwise_kernel``
     ``(1, ..., 1, in_features * depth_multiplier, out_features)`` and ``bias`` ``(out_features,)``
@@ -372,26 +411,34 @@ class SeparableConv(nnx.Module):
     @_recorded
     def __call__(self, x):
         x, depthwise, pointwise, bias = _params(self, x, self.depthwise_kernel, self.pointwise_kernel, self.bias)
-        return separable_conv(
+        return _over_batch_axes(
             x,
-            depthwise,
-            pointwise,
-            bias,
-            strides=self.strides,
-            padding=self.padding,
-            kernel_dilation=self.kernel_dilation,
-            padding_mode=self.padding_mode,
-            precision=self.precision,
-            impl=self.impl,
+            len(self.kernel_size),
+            lambda x: separable_conv(
+                x,
+                depthwise,
+                pointwise,
+                bias,
+                strides=self.strides,
+                padding=self.padding,
+                kernel_dilation=self.kernel_dilation,
+                padding_mode=self.padding_mode,
+                precision=self.precision,
+                impl=self.impl,
+            ),
         )
 
 
 class MaxPool(nnx.Module):
     """Max pooling, calling :func:`cnnjax.pooling.max_pool`; no parameters.
 
-    ``x: (N, *spatial, C)`` -> ``(N, *out, C)``, ``out`` by PyTorch's pooling rule
-    (:func:`cnnjax.shapes.pool_output_size`). ``strides=None`` means strides = window
-    (PyTorch's default; Flax's ``nnx.max_pool`` uses 1). Padding never wins the max.
+    ``x: (*batch, *spatial, C)`` -> ``(*batch, *out, C)``, ``out`` by PyTorch's pooling rule
+    (:func:`cnnjax.shapes.pool_output_size`). A ``window_shape`` sequence fixes the number of
+    spatial dims (its length), so ``x`` may have any number of leading batch axes, or none; an
+    int ``window_shape`` pools every spatial dim of an input with exactly one batch axis,
+    ``(N, *spatial, C)``, whose rank then says how many there are (as :func:`cnnjax.max_pool`
+    does). ``strides=None`` means strides = window (PyTorch's default; Flax's ``nnx.max_pool``
+    uses 1). Padding never wins the max.
 
     >>> MaxPool((2, 2))(jnp.arange(16.0).reshape(1, 4, 4, 1))[0, ..., 0]
     Array([[ 5.,  7.],
@@ -413,23 +460,28 @@ class MaxPool(nnx.Module):
 
     @_recorded
     def __call__(self, x):
-        return max_pool(
+        return _over_batch_axes(
             x,
-            self.window_shape,
-            self.strides,
-            self.padding,
-            window_dilation=self.window_dilation,
-            ceil_mode=self.ceil_mode,
-            impl=self.impl,
+            _window_rank(self.window_shape),
+            lambda x: max_pool(
+                x,
+                self.window_shape,
+                self.strides,
+                self.padding,
+                window_dilation=self.window_dilation,
+                ceil_mode=self.ceil_mode,
+                impl=self.impl,
+            ),
         )
 
 
 class AvgPool(nnx.Module):
     """Average pooling, calling :func:`cnnjax.pooling.avg_pool`; no parameters.
 
-    ``x: (N, *spatial, C)`` -> ``(N, *out, C)``, sizes as :class:`MaxPool`. Padding counts as
-    zeros in the mean when ``count_include_pad`` (PyTorch's default), and ``divisor_override``
-    replaces the divisor, both as in PyTorch.
+    ``x: (*batch, *spatial, C)`` -> ``(*batch, *out, C)``, sizes and ranks (an int or a sequence
+    ``window_shape``) as :class:`MaxPool`. Padding counts as zeros in the mean when
+    ``count_include_pad`` (PyTorch's default), and ``divisor_override`` replaces the divisor,
+    both as in PyTorch.
 
     >>> AvgPool(2)(jnp.arange(16.0).reshape(1, 4, 4, 1))[0, ..., 0]
     Array([[ 2.5,  4.5],
@@ -453,23 +505,27 @@ class AvgPool(nnx.Module):
 
     @_recorded
     def __call__(self, x):
-        return avg_pool(
+        return _over_batch_axes(
             x,
-            self.window_shape,
-            self.strides,
-            self.padding,
-            ceil_mode=self.ceil_mode,
-            count_include_pad=self.count_include_pad,
-            divisor_override=self.divisor_override,
-            impl=self.impl,
+            _window_rank(self.window_shape),
+            lambda x: avg_pool(
+                x,
+                self.window_shape,
+                self.strides,
+                self.padding,
+                ceil_mode=self.ceil_mode,
+                count_include_pad=self.count_include_pad,
+                divisor_override=self.divisor_override,
+                impl=self.impl,
+            ),
         )
 
 
 class LPPool(nnx.Module):
     """Power-average (LP) pooling ``(sum x^p)^(1/p)`` over each window, calling :func:`cnnjax.pooling.lp_pool`.
 
-    ``x: (N, *spatial, C)`` -> ``(N, *out, C)``, sizes as :class:`MaxPool`; PyTorch's
-    ``LPPool2d(norm_type=p, ...)``.
+    ``x: (*batch, *spatial, C)`` -> ``(*batch, *out, C)``, sizes and ranks as :class:`MaxPool`;
+    PyTorch's ``LPPool2d(norm_type=p, ...)``.
 
     >>> LPPool(2, 2)(jnp.full((1, 4, 4, 1), 3.0))[0, ..., 0]
     Array([[6., 6.],
@@ -491,15 +547,20 @@ class LPPool(nnx.Module):
 
     @_recorded
     def __call__(self, x):
-        return lp_pool(
-            x, self.p, self.window_shape, self.strides, self.padding, ceil_mode=self.ceil_mode, impl=self.impl
+        return _over_batch_axes(
+            x,
+            _window_rank(self.window_shape),
+            lambda x: lp_pool(
+                x, self.p, self.window_shape, self.strides, self.padding, ceil_mode=self.ceil_mode, impl=self.impl
+            ),
         )
 
 
 class GlobalAvgPool(nnx.Module):
     """Mean over all spatial dims, calling :func:`cnnjax.pooling.global_avg_pool`.
 
-    ``x: (N, *spatial, C)`` -> ``(N, C)``, or ``(N, 1, ..., 1, C)`` with ``keepdims``.
+    ``x: (N, *spatial, C)`` (exactly one batch axis: nothing fixes the spatial rank) -> ``(N, C)``,
+    or ``(N, 1, ..., 1, C)`` with ``keepdims``.
 
     >>> GlobalAvgPool()(jnp.arange(8.0).reshape(1, 2, 2, 2))
     Array([[3., 4.]], dtype=float32)
@@ -516,7 +577,8 @@ class GlobalAvgPool(nnx.Module):
 class GlobalMaxPool(nnx.Module):
     """Max over all spatial dims, calling :func:`cnnjax.pooling.global_max_pool`.
 
-    ``x: (N, *spatial, C)`` -> ``(N, C)``, or ``(N, 1, ..., 1, C)`` with ``keepdims``.
+    ``x: (N, *spatial, C)`` (exactly one batch axis: nothing fixes the spatial rank) -> ``(N, C)``,
+    or ``(N, 1, ..., 1, C)`` with ``keepdims``.
 
     >>> GlobalMaxPool()(jnp.arange(8.0).reshape(1, 2, 2, 2))
     Array([[6., 7.]], dtype=float32)
@@ -533,8 +595,10 @@ class GlobalMaxPool(nnx.Module):
 class AdaptiveAvgPool(nnx.Module):
     """Average over PyTorch's adaptive bins, calling :func:`cnnjax.pooling.adaptive_avg_pool`.
 
-    ``x: (N, *spatial, C)`` -> ``(N, *output_size, C)``; bin ``i`` of a dim of length ``L``
-    covers ``[floor(i*L/o), ceil((i+1)*L/o))``.
+    ``x: (*batch, *spatial, C)`` -> ``(*batch, *output_size, C)``; bin ``i`` of a dim of length
+    ``L`` covers ``[floor(i*L/o), ceil((i+1)*L/o))``. An ``output_size`` sequence fixes the number
+    of spatial dims (any number of batch axes); an int needs exactly one batch axis, as
+    :class:`MaxPool`'s ``window_shape``.
 
     >>> AdaptiveAvgPool((1, 2))(jnp.arange(8.0).reshape(1, 2, 4, 1))[0, ..., 0]
     Array([[2.5, 4.5]], dtype=float32)
@@ -545,13 +609,16 @@ class AdaptiveAvgPool(nnx.Module):
 
     @_recorded
     def __call__(self, x):
-        return adaptive_avg_pool(x, self.output_size, impl=self.impl)
+        return _over_batch_axes(
+            x, _window_rank(self.output_size), lambda x: adaptive_avg_pool(x, self.output_size, impl=self.impl)
+        )
 
 
 class AdaptiveMaxPool(nnx.Module):
     """Max over PyTorch's adaptive bins, calling :func:`cnnjax.pooling.adaptive_max_pool`.
 
-    ``x: (N, *spatial, C)`` -> ``(N, *output_size, C)``, bins as :class:`AdaptiveAvgPool`.
+    ``x: (*batch, *spatial, C)`` -> ``(*batch, *output_size, C)``, bins and ranks as
+    :class:`AdaptiveAvgPool`.
 
     >>> AdaptiveMaxPool((1, 2))(jnp.arange(8.0).reshape(1, 2, 4, 1))[0, ..., 0]
     Array([[5., 7.]], dtype=float32)
@@ -562,13 +629,15 @@ class AdaptiveMaxPool(nnx.Module):
 
     @_recorded
     def __call__(self, x):
-        return adaptive_max_pool(x, self.output_size, impl=self.impl)
+        return _over_batch_axes(
+            x, _window_rank(self.output_size), lambda x: adaptive_max_pool(x, self.output_size, impl=self.impl)
+        )
 
 
 class SpatialPyramidPool(nnx.Module):
     """Spatial pyramid pooling, calling :func:`cnnjax.pooling.spatial_pyramid_pool`.
 
-    ``x: (N, *spatial, C)`` -> ``(N, C * sum(l**rank for l in levels))``: for each level an
+    ``x: (N, *spatial, C)`` (exactly one batch axis) -> ``(N, C * sum(l**rank for l in levels))``: for each level an
     adaptive ``mode`` (``"max"`` or ``"avg"``) pool to ``(l, ..., l)``, flattened in
     ``(l, ..., l, C)`` order, concatenated.
 
