@@ -184,9 +184,16 @@ def lowest(dtype, select: str = "max"):
     return np.array(info.min if select == "max" else info.max, dtype)
 
 
-def _window_config(w: PoolGeometry, values) -> tuple:
-    """``values`` (one per spatial dim) placed on a full-rank tuple, 1 elsewhere."""
-    return w.layout.window(values)
+def _pad(a, w: PoolGeometry, value):
+    """``a`` padded with ``value`` by ``w.reduce_padding`` (the padded plane)."""
+    return lax.pad(
+        a, np.asarray(value, a.dtype), w.layout.window([(lo, hi, 0) for lo, hi in w.reduce_padding], (0, 0, 0))
+    )
+
+
+def _crop(a, w: PoolGeometry):
+    """The padded plane ``a`` cropped back to the input (the inverse of :func:`_pad`)."""
+    return lax.pad(a, np.zeros((), a.dtype), w.layout.window([(-lo, -hi, 0) for lo, hi in w.reduce_padding], (0, 0, 0)))
 
 
 def window_sum(x, w: PoolGeometry):
@@ -196,10 +203,10 @@ def window_sum(x, w: PoolGeometry):
         x,
         np.array(0, x.dtype),
         lax.add,
-        _window_config(w, w.window),
-        _window_config(w, w.strides),
+        w.layout.window(w.window),
+        w.layout.window(w.strides),
         w.layout.window(w.reduce_padding, (0, 0)),
-        window_dilation=_window_config(w, w.dilation),
+        window_dilation=w.layout.window(w.dilation),
     )
 
 
@@ -221,14 +228,12 @@ def window_sum_transpose(dy, w: PoolGeometry):
         dyp,
         np.array(0, dy.dtype),
         lax.add,
-        _window_config(w, w.window),
+        w.layout.window(w.window),
         (1,) * dy.ndim,
         "VALID",
-        window_dilation=_window_config(w, w.dilation),
+        window_dilation=w.layout.window(w.dilation),
     )
-    return lax.pad(
-        padded, np.array(0, dy.dtype), w.layout.window([(-lo, -hi, 0) for lo, hi in w.reduce_padding], (0, 0, 0))
-    )
+    return _crop(padded, w)
 
 
 def tap_dtype(w: PoolGeometry):
@@ -236,16 +241,14 @@ def tap_dtype(w: PoolGeometry):
     return np.min_scalar_type(max(math.prod(w.window) - 1, 0))
 
 
-def _padded_positions(w: PoolGeometry, padding_loses: bool):
-    """Row-major positions in the padded plane, shaped to broadcast over batch and channels; with
-    ``padding_loses`` the padding's positions are offset by the plane size, so a real element
-    beats padding on a tie."""
+def _padded_positions(w: PoolGeometry):
+    """Row-major positions in the padded plane, shaped to broadcast over batch and channels, the
+    padding's offset by the plane size: ordered by them, a real element comes before padding."""
     padded = w.padded_spatial
     position = np.arange(math.prod(padded), dtype=np.int64).reshape(padded)
-    if padding_loses:
-        inside = np.zeros(padded, bool)
-        inside[tuple(slice(lo, lo + n) for n, (lo, _) in zip(w.input_spatial, w.reduce_padding, strict=True))] = True
-        position = position + np.where(inside, 0, position.size)
+    inside = np.zeros(padded, bool)
+    inside[tuple(slice(lo, lo + n) for n, (lo, _) in zip(w.input_spatial, w.reduce_padding, strict=True))] = True
+    position = position + np.where(inside, 0, position.size)
     dtype = np.int32 if 2 * position.size < 2**31 else np.int64
     return position.astype(dtype).reshape(w.layout.shape(1, padded, 1))
 
@@ -269,12 +272,12 @@ def tap_offsets(tap, w: PoolGeometry) -> list:
 
 
 def _padded_flat_position(tap, w: PoolGeometry):
-    """Each output's tap ``tap`` as a row-major position in the padded plane."""
+    """Each output's tap ``tap`` as a row-major position in the padded plane (``tap``'s shape)."""
     position, plane_stride = 0, math.prod(w.padded_spatial)
     for offset, m in zip(tap_offsets(tap, w), w.padded_spatial, strict=True):
         plane_stride //= m
         position = position + offset * plane_stride
-    return position
+    return jnp.broadcast_to(position, jnp.shape(tap))
 
 
 def window_argmax(x, w: PoolGeometry, select: str = "max"):
@@ -287,9 +290,8 @@ def window_argmax(x, w: PoolGeometry, select: str = "max"):
     offset past the plane's so that it loses every tie. ``(N, *input_spatial, C)`` ->
     ``((N, *out, C) values, (N, *out, C) taps of dtype tap_dtype(w))``.
     """
-    positions = _padded_positions(w, padding_loses=True)
-    pad = w.layout.window([(lo, hi, 0) for lo, hi in w.reduce_padding], (0, 0, 0))
-    xp = lax.pad(x, lowest(x.dtype, select), pad)
+    positions = _padded_positions(w)
+    xp = _pad(x, w, lowest(x.dtype, select))
     beats = lax.gt if select == "max" else lax.lt
 
     def first(a, b):
@@ -302,10 +304,10 @@ def window_argmax(x, w: PoolGeometry, select: str = "max"):
         (xp, keys),
         (lowest(x.dtype, select), np.array(np.iinfo(positions.dtype).max, positions.dtype)),
         first,
-        _window_config(w, w.window),
-        _window_config(w, w.strides),
+        w.layout.window(w.window),
+        w.layout.window(w.strides),
         "VALID",
-        window_dilation=_window_config(w, w.dilation),
+        window_dilation=w.layout.window(w.dilation),
     )
     plane = math.prod(w.padded_spatial)
     position = jnp.where(key >= plane, key - plane, key)
@@ -329,9 +331,8 @@ def _plane(a, layout: Layout):
 def tap_gather(t, tap, w: PoolGeometry):
     """The derivative of max pooling (its JVP): each output takes the tangent ``t`` at its
     window's max id ``tap``. ``t: (N, *input_spatial, C)`` -> ``(N, *out, C)``."""
-    tp = lax.pad(t, np.array(0, t.dtype), w.layout.window([(lo, hi, 0) for lo, hi in w.reduce_padding], (0, 0, 0)))
-    flat, axis = _plane(tp, w.layout)
-    index, _ = _plane(jnp.broadcast_to(_padded_flat_position(tap, w), tap.shape), w.layout)
+    flat, axis = _plane(_pad(t, w, 0), w.layout)
+    index, _ = _plane(_padded_flat_position(tap, w), w.layout)
     return jnp.take_along_axis(flat, index, axis=axis).reshape(tap.shape)
 
 
@@ -342,12 +343,11 @@ def tap_scatter(dy, tap, w: PoolGeometry):
     layout = w.layout
     padded_shape = layout.shape(dy.shape[0], w.padded_spatial, layout.channels(dy.shape))
     flat, axis = _plane(jnp.zeros(padded_shape, dy.dtype), layout)
-    index, _ = _plane(jnp.broadcast_to(_padded_flat_position(tap, w), tap.shape), layout)
+    index, _ = _plane(_padded_flat_position(tap, w), layout)
     values, _ = _plane(dy, layout)
     where = [lax.broadcasted_iota(np.int32, index.shape, i) for i in range(index.ndim)]
     where[axis] = index
-    dxp = flat.at[tuple(where)].add(values).reshape(padded_shape)
-    return lax.pad(dxp, np.array(0, dy.dtype), layout.window([(-lo, -hi, 0) for lo, hi in w.reduce_padding], (0, 0, 0)))
+    return _crop(flat.at[tuple(where)].add(values).reshape(padded_shape), w)
 
 
 def window_divisor(w: PoolGeometry, count_include_pad: bool) -> np.ndarray:

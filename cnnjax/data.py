@@ -1,9 +1,11 @@
-"""Datasets as NumPy arrays: the embedded digits, local MNIST / Fashion-MNIST / CIFAR-10 files,
-and deterministic batching.
+"""Datasets: the embedded digits, local MNIST / Fashion-MNIST / CIFAR-10 files as NumPy arrays,
+image folders read lazily, and deterministic batching.
 
-Every loader returns ``((x_train, y_train), (x_test, y_test))``: NHWC ``float32`` images scaled
-to ``[0, 1]`` and ``int32`` labels in ``0..9``. The file readers never download anything and
-never skip anything: a missing file raises ``FileNotFoundError`` and a corrupt one raises
+Every array loader returns ``((x_train, y_train), (x_test, y_test))``: NHWC ``float32`` images
+scaled to ``[0, 1]`` and ``int32`` labels in ``0..9``. :func:`load_imagefolder` returns two
+:class:`ImageFolder` sources instead, which hold file names and labels and decode images only
+when :mod:`cnnjax.pipeline` asks for a batch. The readers never download anything and never
+skip anything: a missing file raises ``FileNotFoundError`` and a corrupt one raises
 ``ValueError``, both naming the file and what was expected.
 """
 
@@ -17,6 +19,7 @@ import zlib
 from collections.abc import Iterator
 
 import numpy as np
+from PIL import Image
 
 from cnnjax.shapes import check_positive
 
@@ -49,6 +52,9 @@ _CIFAR_PICKLE_GLOBALS = frozenset(
         ("_codecs", "encode"),
     }
 )
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # matched case-insensitively; other files are ignored
+IMAGEFOLDER_SPLITS = ("train", "val")
+_GRAYSCALE_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
 
 
 def load_digits(size: int = 28):
@@ -144,6 +150,166 @@ def load_cifar10(path):
     return (x_train, y_train), _read_cifar_batch(_existing_file(root, _CIFAR_TEST, op), op)
 
 
+def load_imagefolder(path, image_size: int = 224):
+    """An image-folder dataset (the ImageNet layout, torchvision's ``ImageFolder`` convention),
+    listed but not decoded: ``path/train/<class>/**`` and ``path/val/<class>/**``.
+
+    Class ``k`` is the ``k``-th class folder name in sorted order; every JPEG or PNG file under a
+    class folder (sub-folders included, other files ignored) is one image of that class. The
+    checks happen here, before any training: a missing split, a class folder without images,
+    or ``val/`` classes that differ from ``train/`` ones raise an error naming the folder.
+
+    Returns:
+        ``(train, val)``, two :class:`ImageFolder` sources with the same classes, whose images
+        are ``(image_size, image_size, C)``; ``C`` is 1 if the first training image is
+        grayscale, else 3, and every image is converted to it.
+
+    >>> load_imagefolder("/nonexistent")
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: load_imagefolder: data directory /nonexistent does not exist
+    """
+    op = "load_imagefolder"
+    root = _existing_dir(path, op)
+    image_size = check_positive(image_size, "image_size", op)
+    folders = [os.path.join(root, split) for split in IMAGEFOLDER_SPLITS]
+    for folder in folders:
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(
+                f"{op}: {folder} does not exist (expected {os.path.join(root, 'train', '<class>')} "
+                f"and {os.path.join(root, 'val', '<class>')} folders of JPEG or PNG images)"
+            )
+    train_classes, val_classes = (_class_folders(folder, op) for folder in folders)
+    if train_classes != val_classes:
+        missing, extra = sorted(set(train_classes) - set(val_classes)), sorted(set(val_classes) - set(train_classes))
+        raise ValueError(
+            f"{op}: the classes of {folders[1]} differ from those of {folders[0]}: missing {missing}, extra {extra}"
+        )
+    train = ImageFolder(folders[0], image_size)
+    return train, ImageFolder(folders[1], image_size, mode=train.mode)
+
+
+class ImageFolder:
+    """The images of one split, ``root/<class>/**/*.{jpg,jpeg,png}``, decoded only when read.
+
+    Holds one file name and one label per image (never pixels). :meth:`read` decodes with
+    Pillow, converts to ``mode``, crops a box (:func:`crop_box`: the largest centred square,
+    or a random-resized crop) and resizes it bilinearly to ``image_size x image_size``.
+
+    Args:
+        root: the split's folder; its sub-folders are the classes, in sorted order.
+        image_size: the side of every image :meth:`read` returns.
+        mode: ``"L"`` (grayscale, 1 channel) or ``"RGB"`` (3 channels); ``None``: ``"L"`` if
+            the first image is grayscale, else ``"RGB"``.
+
+    Attributes: ``classes`` (the folder names), ``labels: (N,)`` int32, ``channels``.
+
+    >>> ImageFolder("/nonexistent", 32)
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: ImageFolder: data directory /nonexistent does not exist
+    """
+
+    def __init__(self, root, image_size: int, *, mode: str | None = None):
+        op = "ImageFolder"
+        self.root = _existing_dir(root, op)
+        self.image_size = check_positive(image_size, "image_size", op)
+        if mode not in (None, "L", "RGB"):
+            raise ValueError(f"{op}: mode must be None, 'L' or 'RGB', got {mode!r}")
+        self.classes = _class_folders(self.root, op)
+        names, labels = [], []
+        for label, name in enumerate(self.classes):
+            files = _image_files(os.path.join(self.root, name))
+            if not files:
+                raise ValueError(
+                    f"{op}: class folder {os.path.join(self.root, name)} holds no image "
+                    f"(files ending in {', '.join(IMAGE_EXTENSIONS)})"
+                )
+            names += files
+            labels += [label] * len(files)
+        # bytes, fixed width: one compact array to pickle to every worker process
+        self._names = np.array([os.fsencode(name) for name in names])
+        self.labels = np.array(labels, np.int32)
+        self.mode = mode or self._first_image_mode()
+        self.channels = 1 if self.mode == "L" else 3
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def path(self, i: int) -> str:
+        """The file of image ``i``."""
+        return os.path.join(self.root, self.classes[self.labels[i]], os.fsdecode(self._names[i]))
+
+    def read(self, indices, crops=None) -> tuple[np.ndarray, np.ndarray]:
+        """Decode images ``indices: (B,)``: ``(x, y)``, ``x: (B, image_size, image_size,
+        channels)`` uint8, ``y: (B,)`` int32. ``crops: (B, 4)`` random-resized-crop draws
+        (:func:`crop_box`), ``None`` for the centred square.
+
+        An unreadable image raises ``ValueError`` naming its path and the reason: a run stops on
+        it rather than skipping it, since a substitute or a smaller batch would change what the
+        run sees (and break bit-for-bit resume and process-count independence).
+        """
+        size = self.image_size
+        x = np.empty((len(indices), size, size, self.channels), np.uint8)
+        for row, i in enumerate(indices):
+            path = self.path(i)
+            try:
+                with Image.open(path) as image:
+                    image = image.convert(self.mode)
+                    box = crop_box(None if crops is None else crops[row], *image.size)
+                    image = image.resize((size, size), Image.Resampling.BILINEAR, box=box)
+            except Exception as e:  # Pillow raises many types on damaged files; all mean the same here
+                raise ValueError(f"ImageFolder: cannot read {path}: {type(e).__name__}: {e}") from None
+            x[row] = np.asarray(image).reshape(size, size, self.channels)
+        return x, self.labels[indices]
+
+    def _first_image_mode(self) -> str:
+        path = self.path(0)
+        try:
+            with Image.open(path) as image:
+                return "L" if image.mode in _GRAYSCALE_MODES else "RGB"
+        except Exception as e:  # as in read
+            raise ValueError(f"ImageFolder: cannot read {path}: {type(e).__name__}: {e}") from None
+
+
+class ArraySource:
+    """In-memory images as a :mod:`cnnjax.pipeline` source: ``x: (N, H, W, C)``, ``y: (N,)`` int.
+
+    >>> x, y = ArraySource(np.arange(8.0).reshape(2, 2, 2, 1), np.array([3, 5])).read(np.array([1]))
+    >>> x[0, ..., 0].tolist(), y.tolist()
+    ([[4.0, 5.0], [6.0, 7.0]], [5])
+    """
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def read(self, indices, crops=None) -> tuple[np.ndarray, np.ndarray]:
+        """``(x[indices], y[indices])``; with ``crops: (B, 4)`` (:func:`crop_box`) each image's
+        random-resized crop, resized bilinearly (Pillow, per channel) back to ``H x W``."""
+        x = self.x[indices]
+        if crops is not None:
+            x = np.stack([_resized_crop(image, crop) for image, crop in zip(x, crops, strict=True)])
+        return x, self.y[indices]
+
+
+def _resized_crop(image: np.ndarray, crop) -> np.ndarray:
+    """One ``(H, W, C)`` image's :func:`crop_box`, resized bilinearly back to ``H x W``."""
+    height, width = image.shape[:2]
+    box = crop_box(crop, width, height)
+    channels = [
+        np.asarray(
+            Image.fromarray(np.ascontiguousarray(channel, np.float32)).resize(
+                (width, height), Image.Resampling.BILINEAR, box=box
+            )
+        )
+        for channel in np.moveaxis(image, -1, 0)
+    ]
+    return np.stack(channels, axis=-1).astype(image.dtype)
+
+
 def num_batches(n: int, batch_size: int, drop_remainder: bool) -> int:
     """How many batches :func:`batches` yields for ``n`` examples: ``floor(n / batch_size)``
     with ``drop_remainder``, else ``ceil(n / batch_size)``.
@@ -154,14 +320,49 @@ def num_batches(n: int, batch_size: int, drop_remainder: bool) -> int:
     return n // batch_size if drop_remainder else math.ceil(n / batch_size)
 
 
+def epoch_order(n: int, *, shuffle: bool, seed: int, epoch: int) -> np.ndarray:
+    """The order in which an epoch visits ``n`` examples: ``(n,)`` int64.
+
+    With ``shuffle``, ``np.random.default_rng((seed, epoch)).permutation(n)``: each epoch a
+    fresh order, the same one for the same ``(seed, epoch)``; else ``0, 1, ..., n - 1``.
+
+    >>> epoch_order(5, shuffle=True, seed=0, epoch=0).tolist(), epoch_order(3, shuffle=False, seed=0, epoch=0).tolist()
+    ([2, 4, 3, 0, 1], [0, 1, 2])
+    """
+    return np.random.default_rng((seed, epoch)).permutation(n) if shuffle else np.arange(n)
+
+
+def crop_box(crop, width: int, height: int) -> tuple[float, float, float, float]:
+    """The ``(left, top, right, bottom)`` box in pixels of a random-resized crop.
+
+    ``crop = (area, ratio, u, v)`` (:class:`cnnjax.pipeline.DrawAugmentation`): the box covers ``area`` of the
+    ``width x height`` image with ``width / height = ratio``, each side clipped to the image
+    (torchvision resamples up to 10 times instead), at the relative position ``(u, v)`` of the
+    room left. ``crop=None``: the largest centred square (evaluation, and no augmentation).
+
+    >>> crop_box(None, 40, 20), crop_box((0.25, 1.0, 0.0, 1.0), 20, 20)
+    ((10.0, 0.0, 30.0, 20.0), (0.0, 10.0, 10.0, 20.0))
+    """
+    if crop is None:
+        side = min(width, height)
+        w = h = side
+        u = v = 0.5
+    else:
+        area, ratio, u, v = crop
+        w = min(math.sqrt(area * width * height * ratio), width)
+        h = min(math.sqrt(area * width * height / ratio), height)
+    left, top = u * (width - w), v * (height - h)
+    return (float(left), float(top), float(left + w), float(top + h))
+
+
 def batches(
     x, y, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0, drop_remainder: bool = False
 ):
     """Iterate over ``(x_batch, y_batch)`` pairs of NumPy arrays.
 
-    With ``shuffle`` the order is a permutation drawn from ``np.random.default_rng((seed,
-    epoch))``: the same ``(seed, epoch)`` always gives the same batches, and each epoch gets a
-    fresh order. Without ``shuffle`` the data is read in order (``seed`` and ``epoch`` unused).
+    With ``shuffle`` the order is :func:`epoch_order`, a permutation drawn from
+    ``np.random.default_rng((seed, epoch))`` (the order :func:`cnnjax.train.fit` trains in): the
+    same ``(seed, epoch)`` always gives the same batches, and each epoch gets a fresh order. Without ``shuffle`` the data is read in order (``seed`` and ``epoch`` unused).
     The last batch holds the remaining ``n mod batch_size`` examples, or is dropped with
     ``drop_remainder`` (PyTorch's ``drop_last``). Arguments are checked when this is called,
     not at the first ``next``.
@@ -185,7 +386,7 @@ def batches(
     if len(x) != len(y):
         raise ValueError(f"{op}: x and y must hold the same number of examples, got {len(x)} and {len(y)}")
     n = len(x)
-    order = np.random.default_rng((seed, epoch)).permutation(n) if shuffle else np.arange(n)
+    order = epoch_order(n, shuffle=shuffle, seed=seed, epoch=epoch)
     starts = range(0, num_batches(n, batch_size, drop_remainder) * batch_size, batch_size)
     return _batch_iterator(x, y, order, starts, batch_size)
 
@@ -304,3 +505,20 @@ def _check_labels(labels: np.ndarray, path: str, op: str) -> None:
         raise ValueError(
             f"{op}: {path}: labels must be integers in 0..{NUM_CLASSES - 1}, found {labels.dtype} in [{labels.min()}, {labels.max()}]"
         )
+
+
+def _class_folders(root: str, op: str) -> tuple[str, ...]:
+    classes = tuple(sorted(entry.name for entry in os.scandir(root) if entry.is_dir()))
+    if not classes:
+        raise ValueError(f"{op}: {root} holds no class folder (expected {os.path.join(root, '<class>')} folders)")
+    return classes
+
+
+def _image_files(folder: str) -> list[str]:
+    """The image files under ``folder`` (recursively, in torchvision's order), relative to it."""
+    files = []
+    for directory, _, names in sorted(os.walk(folder, followlinks=True)):
+        for name in sorted(names):
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                files.append(os.path.relpath(os.path.join(directory, name), folder))
+    return files

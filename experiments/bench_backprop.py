@@ -7,12 +7,13 @@ under ``impl="lax"`` (JAX's autodiff of lax), ``impl="closed_form"`` (cnnjax's p
 to the notes' formulas) and ``impl="auto"`` (the same primitives lowered to this backend's
 schedules: on CPU ``cnnjax._cpu``), and PyTorch's ``forward`` + ``backward`` on the same
 shapes in its default NCHW layout and in ``channels_last`` (the NHWC memory layout cnnjax uses),
-with as many threads as JAX's CPU backend (one per core here). Every function is warmed up
+with as many threads as JAX's CPU backend: one per core this process may use, or ``--threads N``
+(the process pinned to N cores, ``cnnjax._bench.pin_threads``). Every function is warmed up
 (compiled) first; then all five are timed in one round-robin, ``--rounds`` samples each of at
-least ``--min-sample-ms``, with ``bench.Timer`` (the same timer as ``bench.py``: a short pause
-before every sample, so that neither framework's spinning worker threads slow the other's next
-call), and the medians are reported: a busy machine slows all of them alike. Ratios are
-``auto`` against ``lax`` and against PyTorch.
+least ``--min-sample-ms``, with ``cnnjax._bench.Timer`` (the timer of every benchmark script: a
+short pause before every sample, so that neither framework's spinning worker threads slow the
+other's next call), and the medians are reported: a busy machine slows all of them alike. Ratios
+are ``auto`` against ``lax`` and against PyTorch.
 
 Run (from the repository root, on an otherwise idle machine):
 
@@ -32,15 +33,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
 import time
 
 import jax
 import numpy as np
-from bench import Timer
 
-from cnnjax import _primitives
+from cnnjax import _bench, _primitives
+from cnnjax._bench import Timer, cotangent, fmt, jax_step, ratio, vjp_fn
 from cnnjax._canon import Layout, conv_geometry
 from cnnjax.convolution import conv
 from cnnjax.pooling import avg_pool, max_pool
@@ -106,17 +105,10 @@ def jax_forward(case: Case, impl: str):
     return lambda x: pool(x, case.window, case.strides, case.padding, impl=impl)
 
 
-def jax_step(case: Case, impl: str, inputs):
+def forward_backward_step(case: Case, impl: str, inputs):
     """A zero-argument jitted forward+backward (output and every input's gradient), blocked on."""
     forward = jax_forward(case, impl)
-    dy = jax.random.normal(jax.random.key(2), jax.eval_shape(forward, *inputs).shape)
-
-    @jax.jit
-    def step(inputs, dy):
-        y, pullback = jax.vjp(forward, *inputs)
-        return y, pullback(dy)
-
-    return lambda: jax.block_until_ready(step(inputs, dy))
+    return jax_step(jax.jit(vjp_fn(forward)), inputs, cotangent(forward, *inputs, seed=2))
 
 
 def jax_inputs(case: Case):
@@ -162,7 +154,7 @@ def torch_step(case: Case, channels_last: bool):
 
 # PyTorch's first calls on a new shape are slow (its CPU kernels pick an algorithm: ~90 ms for
 # LeNet's second conv, then 1 ms), so every method is warmed up for a few calls and some time
-# before bench.Timer (which itself calls each step only twice first) takes over.
+# before the Timer (which itself calls each step only twice first) takes over.
 _WARMUP_CALLS, _WARMUP_S = 5, 0.3
 
 
@@ -176,10 +168,10 @@ def warm_up(steps: dict) -> None:
 
 def bench_case(case: Case, timer: Timer, with_torch: bool) -> dict:
     """Milliseconds per method for one case. All methods are timed in one round-robin
-    (``bench.Timer``: a pause before every sample, so that neither framework's spinning worker
+    (``Timer``: a pause before every sample, so that neither framework's spinning worker
     threads slow the other's next call)."""
     inputs = jax_inputs(case)
-    steps = {impl: jax_step(case, impl, inputs) for impl in IMPLS}
+    steps = {impl: forward_backward_step(case, impl, inputs) for impl in IMPLS}
     if with_torch:
         steps |= {"torch": torch_step(case, channels_last=False), "torch_cl": torch_step(case, channels_last=True)}
     warm_up(steps)
@@ -198,9 +190,9 @@ def jax_parts(case: Case, inputs) -> dict:
     input_grad = jax.jit(lambda dy, kernel: _primitives.conv_input_grad(dy, kernel, g, None, "auto"))
     kernel_grad = jax.jit(lambda x, dy: _primitives.conv_kernel_grad(x, dy, g, None, "auto"))
     return {
-        "forward": lambda: jax.block_until_ready(forward(x, kernel)),
-        "input_grad": lambda: jax.block_until_ready(input_grad(dy, kernel)),
-        "kernel_grad": lambda: jax.block_until_ready(kernel_grad(x, dy)),
+        "forward": jax_step(forward, x, kernel),
+        "input_grad": jax_step(input_grad, dy, kernel),
+        "kernel_grad": jax_step(kernel_grad, x, dy),
     }
 
 
@@ -244,41 +236,32 @@ def smaller(case: Case) -> Case:
     return dataclasses.replace(case, batch=max(1, case.batch // 4))
 
 
-def ratio(a, b) -> str:
-    return f"{a / b:.2f}" if b else "-"
-
-
 def markdown(rows: list[dict], with_torch: bool) -> str:
-    head = ["model", "layer (NHWC)", "lax ms", "closed_form ms", "auto ms"]
-    if with_torch:
-        head += ["torch ms", "torch CL ms", "auto / lax", "auto / torch", "auto / torch CL"]
-    else:
-        head += ["auto / lax"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [r["model"], r["layer"], f"{r['lax']:.1f}", f"{r['closed_form']:.1f}", f"{r['auto']:.1f}"]
-        if with_torch:
-            cells += [f"{r['torch']:.1f}", f"{r['torch_cl']:.1f}", ratio(r["auto"], r["lax"])]
-            cells += [ratio(r["auto"], r["torch"]), ratio(r["auto"], r["torch_cl"])]
-        else:
-            cells += [ratio(r["auto"], r["lax"])]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    """Milliseconds per method (``torch_cl``: channels_last), and ``auto`` against lax and PyTorch."""
+    methods = [*IMPLS, "torch", "torch_cl"] if with_torch else list(IMPLS)
+    baselines = [m for m in methods if m not in ("closed_form", "auto")]
+    label = {m: "torch CL" if m == "torch_cl" else m for m in methods}
+    head = ["model", "layer (NHWC)", *(f"{label[m]} ms" for m in methods), *(f"auto / {label[b]}" for b in baselines)]
+    body = [
+        [r["model"], r["layer"], *(fmt(r[m], 1) for m in methods), *(ratio(r["auto"], r[b]) for b in baselines)]
+        for r in rows
+    ]
+    return _bench.markdown_table(head, body)
 
 
 def parts_markdown(rows: list[dict], with_torch: bool) -> str:
     head = ["model", "layer (NHWC)"]
     for part in PARTS:
         head += [f"{part} ms"] + ([f"torch {part} ms", "ratio"] if with_torch else [])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for r in rows:
         cells = [r["model"], r["layer"]]
         for part in PARTS:
-            cells.append(f"{r[f'cnnjax {part}']:.2f}")
+            cells.append(r[f"cnnjax {part}"])
             if with_torch:
-                cells += [f"{r[f'torch {part}']:.2f}", ratio(r[f"cnnjax {part}"], r[f"torch {part}"])]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+                cells += [r[f"torch {part}"], ratio(r[f"cnnjax {part}"], r[f"torch {part}"])]
+        body.append(cells)
+    return _bench.markdown_table(head, body)
 
 
 def main(argv=None) -> None:
@@ -289,16 +272,14 @@ def main(argv=None) -> None:
     parser.add_argument("--only", default="", help="run only layers whose op or model contains this text")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch columns")
     parser.add_argument("--parts", action="store_true", help="conv layers only: time forward and each gradient apart")
+    parser.add_argument("--threads", type=int, help="cores for JAX and PyTorch (default: all this process may use)")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     rounds = args.rounds or (3 if args.quick else 7)
     with_torch = not args.no_torch
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = _bench.pin_threads(args.threads)  # before JAX's first backend call
     if with_torch:
-        import torch
-
-        torch.set_num_threads(threads)
-        torch.manual_seed(0)
+        torch = _bench.import_torch(threads)
     cases = [c for c in CASES if args.only in f"{c.model} {c.op}" and (c.op == "conv" or not args.parts)]
     if args.quick:
         cases = [smaller(c) for c in cases]
@@ -315,8 +296,7 @@ def main(argv=None) -> None:
     print()
     print(table(rows, with_torch))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"versions": versions, "threads": threads, "rounds": rounds, "rows": rows}, f, indent=1)
+        _bench.write_json(args.json, {"versions": versions, "threads": threads, "rounds": rounds, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -17,14 +17,13 @@ Run (from the repository root, on an otherwise idle machine):
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 
-from cnnjax import avg_pool, conv, depthwise_conv, max_pool
+from cnnjax import _bench, avg_pool, conv, depthwise_conv, max_pool
 
 IMPLS = ("auto", "closed_form", "lax")
 BATCH, SIZE, CHANNELS = 8, 40, 16
@@ -87,21 +86,14 @@ def main(argv=None) -> None:
                 flush=True,
             )
     head = ["op", "window", "auto s", "closed_form s", "lax s", "auto / lax", "bound s", "auto within"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for r in rows:
-        cells = [r["op"], f"{r['window']}x{r['window']}", f"{r['auto']:.2f}", f"{r['closed_form']:.2f}"]
-        cells += [
-            f"{r['lax']:.2f}",
-            f"{r['auto'] / r['lax']:.2f}",
-            f"{r['bound']:.2f}",
-            "yes" if r["within"] else "**no**",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
+        window, auto_vs_lax = f"{r['window']}x{r['window']}", _bench.ratio(r["auto"], r["lax"])
+        body.append([r["op"], window, r["auto"], r["closed_form"], r["lax"], auto_vs_lax, r["bound"], r["within"]])
     print()
-    print("\n".join(lines))
+    print(_bench.markdown_table(head, body))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"jax": jax.__version__, "rounds": args.rounds, "rows": rows}, f, indent=1)
+        _bench.write_json(args.json, {"jax": jax.__version__, "rounds": args.rounds, "rows": rows})
 
 
 if __name__ == "__main__":

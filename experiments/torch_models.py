@@ -1,4 +1,4 @@
-"""PyTorch twins of cnnjax's LeNet-5 and ResNets, for side-by-side timings (``experiments/bench.py``).
+"""PyTorch twins of cnnjax's LeNet-5 and ResNets, for side-by-side timings (``experiments/bench_training.py``).
 
 Each has exactly the trainable-parameter count of its cnnjax model (the benchmark asserts it):
 

@@ -1,9 +1,11 @@
 """cnnjax.data: file readers round-trip tiny files written here, every corruption names its file,
-the embedded digits split is fixed, and batching is deterministic."""
+image folders list and decode what torchvision's ImageFolder would and refuse unusable trees
+before training, the embedded digits split is fixed, and batching is deterministic."""
 
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import pickle
 import re
@@ -12,13 +14,19 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from PIL import Image
 
 from cnnjax.data import (
     _MNIST_FILES,
+    ArraySource,
+    ImageFolder,
     batches,
+    crop_box,
+    epoch_order,
     load_cifar10,
     load_digits,
     load_fashion_mnist,
+    load_imagefolder,
     load_mnist,
     num_batches,
 )
@@ -368,3 +376,170 @@ def test_batches_validates_when_called(kwargs, error, message):
     args = {"x": np.arange(5), "y": np.arange(5), **kwargs}
     with pytest.raises(error, match=re.escape(message)):
         batches(args.pop("x"), args.pop("y"), args.pop("batch_size"), **args)  # raises before any next()
+
+
+# --- image folders ----------------------------------------------------------------------------------
+
+
+def save(path, pixels: np.ndarray) -> np.ndarray:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return pixels
+
+
+def pixels(shape, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def write_tree(root, classes=("cat", "dog"), per_class=2, shape=(4, 4, 3), splits=("train", "val")) -> dict:
+    """``root/<split>/<class>/<i>.png`` random images; returns {path: pixels}."""
+    written = {}
+    for s, split in enumerate(splits):
+        for c, name in enumerate(classes):
+            for i in range(per_class):
+                path = root / split / name / f"{i}.png"
+                written[path] = save(path, pixels(shape, seed=100 * s + 10 * c + i))
+    return written
+
+
+def test_imagefolder_lists_like_torchvision_and_decodes_pngs_exactly(tmp_path):
+    """Classes in sorted folder order ('B' < 'a10' < 'a2', as torchvision's sorted()), every JPEG
+    or PNG below a class folder (sub-folders too, any case), other files ignored; PNGs at the
+    target size come back bit-exact."""
+    written = write_tree(tmp_path, classes=("a2", "B", "a10"))
+    nested = save(tmp_path / "train" / "a2" / "deeper" / "X.PNG", pixels((4, 4, 3), seed=7))
+    (tmp_path / "train" / "B" / "notes.txt").write_text("not an image")
+    train, val = load_imagefolder(tmp_path, image_size=4)
+    assert train.classes == val.classes == ("B", "a10", "a2")
+    assert len(train) == 7 and len(val) == 6 and train.channels == 3 and train.mode == "RGB"
+    paths = [train.path(i) for i in range(len(train))]
+    assert paths[-1] == str(tmp_path / "train" / "a2" / "deeper" / "X.PNG")
+    np.testing.assert_array_equal(train.labels, [0, 0, 1, 1, 2, 2, 2])
+    x, y = train.read(np.array([6, 0, 4]))
+    assert x.dtype == np.uint8 and x.shape == (3, 4, 4, 3)
+    np.testing.assert_array_equal(x[0], nested)
+    np.testing.assert_array_equal(x[1], written[tmp_path / "train" / "B" / "0.png"])
+    np.testing.assert_array_equal(x[2], written[tmp_path / "train" / "a2" / "0.png"])
+    np.testing.assert_array_equal(y, [2, 0, 2])
+
+
+def test_imagefolder_centre_square_and_grayscale(tmp_path):
+    """A 4x8 image loses two columns on each side (the centred 4x4 square); a grayscale first
+    image makes the dataset 1-channel, and RGB images are converted to it."""
+    image = np.arange(32, dtype=np.uint8).reshape(4, 8) * 7
+    save(tmp_path / "train" / "k" / "wide.png", image)
+    save(tmp_path / "val" / "k" / "rgb.png", np.stack([image] * 3, axis=-1))
+    train, val = load_imagefolder(tmp_path, image_size=4)
+    assert train.mode == val.mode == "L" and train.channels == 1
+    np.testing.assert_array_equal(train.read(np.array([0]))[0][0, ..., 0], image[:, 2:6])
+    np.testing.assert_array_equal(val.read(np.array([0]))[0][0, ..., 0], image[:, 2:6])  # RGB -> L of a gray image
+    assert ImageFolder(tmp_path / "val", 4, mode="RGB").read(np.array([0]))[0].shape == (1, 4, 4, 3)
+
+
+def test_imagefolder_jpeg_and_random_resized_crop(tmp_path):
+    """JPEG decodes close to the original (lossy); a random-resized crop of the whole image is the
+    image, and a quarter-area crop in a corner is that corner upscaled."""
+    smooth = np.broadcast_to(np.linspace(0, 255, 16, dtype=np.uint8)[None, :, None], (16, 16, 3)).copy()
+    save(tmp_path / "train" / "c" / "a.jpg", smooth)
+    save(tmp_path / "val" / "c" / "a.jpeg", smooth)
+    train, _ = load_imagefolder(tmp_path, image_size=16)
+    whole, _ = train.read(np.array([0]))
+    assert np.abs(whole[0].astype(int) - smooth).max() <= 3
+    full, _ = train.read(np.array([0]), np.array([[1.0, 1.0, 0.3, 0.9]]))
+    np.testing.assert_array_equal(full, whole)
+    corner, _ = train.read(np.array([0]), np.array([[0.25, 1.0, 0.0, 0.0]]))  # left half of the columns
+    assert (corner[0, :, -1, 0] < smooth[0, 9, 0]).all()  # the right edge now shows the middle of the ramp
+    np.testing.assert_allclose(corner[0, 0, ::2, 0], whole[0, 0, :8, 0], atol=12)
+
+
+def test_crop_box_values():
+    assert crop_box(None, 6, 6) == (0.0, 0.0, 6.0, 6.0)
+    assert crop_box(None, 4, 10) == (0.0, 3.0, 4.0, 7.0)
+    left, top, right, bottom = crop_box((0.5, 2.0, 1.0, 0.0), 10, 10)  # w = sqrt(50 * 2) = 10, h = 5
+    assert (left, top, right, bottom) == (0.0, 0.0, 10.0, 5.0)
+    h = math.sqrt(100 * 3 / 4)  # w = sqrt(100 * 4 / 3) > 10: clipped to the image
+    assert crop_box((1.0, 4 / 3, 0.5, 0.5), 10, 10) == pytest.approx((0.0, (10 - h) / 2, 10.0, (10 + h) / 2))
+
+
+def test_array_source_random_resized_crop():
+    x = np.arange(16, dtype=np.float32).reshape(1, 4, 4, 1) * np.ones(2, np.float32)  # 2 equal channels
+    source = ArraySource(x, np.array([3]))
+    same, y = source.read(np.array([0]), np.array([[1.0, 1.0, 0.0, 0.0]]))
+    np.testing.assert_allclose(same, x, atol=1e-5)
+    assert y.tolist() == [3] and same.dtype == np.float32
+    # the top-left 2x2 box upscaled: output pixel j samples input coordinate j / 2 - 1/4 (half-pixel
+    # centres, clamped at 0), and the image is linear, 4 * row + column
+    corner, _ = source.read(np.array([0]), np.array([[0.25, 1.0, 0.0, 0.0]]))
+    r = np.maximum(np.arange(4) / 2 - 0.25, 0)
+    np.testing.assert_allclose(corner[0, ..., 0], 4 * r[:, None] + r[None, :], atol=1e-6)
+    np.testing.assert_array_equal(corner[0, ..., 0], corner[0, ..., 1])
+
+
+def unusable_tree(root, case: str) -> tuple[type, str]:
+    """Damage a valid tree; return the error and a message part."""
+    write_tree(root)
+    if case == "no val split":
+        for path in sorted((root / "val").rglob("*"), reverse=True):
+            path.rmdir() if path.is_dir() else path.unlink()
+        (root / "val").rmdir()
+        return FileNotFoundError, f"load_imagefolder: {root / 'val'} does not exist (expected"
+    if case == "no class folder":
+        for path in (root / "train").rglob("*.png"):
+            path.rename(root / "train" / f"{path.parent.name}-{path.name}")
+        for name in ("cat", "dog"):
+            (root / "train" / name).rmdir()
+        return ValueError, f"load_imagefolder: {root / 'train'} holds no class folder"
+    if case == "empty class folder":
+        (root / "train" / "emu").mkdir()
+        (root / "val" / "emu").mkdir()
+        (root / "train" / "emu" / "readme.txt").write_text("no images here")
+        return (
+            ValueError,
+            f"ImageFolder: class folder {root / 'train' / 'emu'} holds no image (files ending in .jpg, .jpeg, .png)",
+        )
+    if case == "val classes differ":
+        (root / "val" / "dog").rename(root / "val" / "wolf")
+        return (
+            ValueError,
+            f"the classes of {root / 'val'} differ from those of {root / 'train'}: missing ['dog'], extra ['wolf']",
+        )
+    if case == "unreadable first image":
+        (root / "train" / "cat" / "0.png").write_bytes(b"\x89PNG truncated")
+        return ValueError, f"ImageFolder: cannot read {root / 'train' / 'cat' / '0.png'}: UnidentifiedImageError"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize(
+    "case", ["no val split", "no class folder", "empty class folder", "val classes differ", "unreadable first image"]
+)
+def test_unusable_imagefolder_is_refused_before_training(tmp_path, case):
+    error, message = unusable_tree(tmp_path, case)
+    with pytest.raises(error) as info:
+        load_imagefolder(tmp_path, image_size=4)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [(b"garbage", "UnidentifiedImageError"), (None, "OSError: image file is truncated"), ("gone", "FileNotFoundError")],
+)
+def test_unreadable_image_names_its_path_and_reason(tmp_path, content, reason):
+    write_tree(tmp_path)
+    train, _ = load_imagefolder(tmp_path, image_size=4)
+    path = tmp_path / "train" / "dog" / "1.png"  # damaged after listing, as while a run goes on
+    if content is None:
+        path.write_bytes(path.read_bytes()[:-30])
+    elif content == "gone":
+        path.unlink()
+    else:
+        path.write_bytes(content)
+    assert train.read(np.array([0]))[1].tolist() == [0]  # other images still read
+    with pytest.raises(ValueError, match=re.escape(f"ImageFolder: cannot read {path}: {reason}")):
+        train.read(np.array([0, 3]))
+
+
+def test_epoch_order_is_numpys_permutation():
+    np.testing.assert_array_equal(
+        epoch_order(9, shuffle=True, seed=4, epoch=2), np.random.default_rng((4, 2)).permutation(9)
+    )
+    np.testing.assert_array_equal(epoch_order(4, shuffle=False, seed=4, epoch=2), np.arange(4))

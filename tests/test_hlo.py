@@ -1,16 +1,16 @@
 """The wrappers cost nothing: cnnjax's conv, conv_transpose, max_pool and avg_pool compile to the
 same optimized HLO as the bare lax call a user would write (names, metadata and schedule aside).
 
-The regression guard of the overhead rows of ``experiments/bench.py`` (whose ``normalize_hlo``
-this uses), without timing. Each forward is compiled under every ``impl=`` whose forward is
-meant to be lax's: ``"lax"`` (JAX's autodiff) always, and ``"closed_form"`` (cnnjax's primitives
-lowered to the notes' formulas) for convs and average pools; ``"auto"`` (the primitives lowered
-to the CPU schedules) where the schedule's forward is lax's too. Some schedules run another
-forward on purpose, faster on CPU than XLA's: grouped and depthwise convs (per-tap products, or
-one dense conv per group), max pools (a fold of strided slices that also records the arg-max)
-and transposed convs (the phase-decomposed conv input gradient); the benchmark times those
-choices. Forward+backward is compared under ``"lax"`` only, since a closed-form backward is its
-own program by definition.
+The regression guard of the overhead rows of ``experiments/bench_overhead.py``, without timing;
+both compare programs with ``cnnjax._bench.normalize_hlo``. Each forward is compiled under every
+``impl=`` whose forward is meant to be lax's: ``"lax"`` (JAX's autodiff) always, and
+``"closed_form"`` (cnnjax's primitives lowered to the notes' formulas) for convs and average
+pools; ``"auto"`` (the primitives lowered to the CPU schedules) where the schedule's forward is
+lax's too. Some schedules run another forward on purpose, faster on CPU than XLA's: grouped and
+depthwise convs (per-tap products, or one dense conv per group), max pools (a fold of strided
+slices that also records the arg-max) and transposed convs (the phase-decomposed conv input
+gradient); the benchmark times those choices. Forward+backward is compared under ``"lax"``
+only, since a closed-form backward is its own program by definition.
 
 The bare equivalent of ``conv_transpose`` is ``lax.conv_transpose(..., transpose_kernel=True)``,
 itself the ``lax.conv_general_dilated`` with lhs dilation on the flipped, in/out-swapped kernel
@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import runpy
 from collections.abc import Callable
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -31,19 +29,13 @@ import numpy as np
 import pytest
 from jax import lax
 
+from cnnjax._bench import hlo_diff, normalize_hlo, vjp_fn
 from cnnjax.convolution import conv, conv_transpose
 from cnnjax.pooling import avg_pool, max_pool
 
-BENCH = Path(__file__).resolve().parents[1] / "experiments" / "bench.py"
 NHWC, NCHW = ("NHWC", "HWIO", "NHWC"), ("NCHW", "OIHW", "NCHW")
 NWC, NDHWC = ("NWC", "WIO", "NWC"), ("NDHWC", "DHWIO", "NDHWC")
 PAD_1 = ((1, 1), (1, 1))
-
-
-@pytest.fixture(scope="module")
-def bench() -> dict:
-    """``experiments/bench.py``'s namespace: ``normalize_hlo``, ``hlo_diff``, ``vjp_fn``."""
-    return runpy.run_path(str(BENCH))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,16 +195,16 @@ POOL = [
 KNOWN_DIFFERENCES: dict[str, str] = {}
 
 
-def _check_same_program(bench: dict, name: str, cnnjax_fn: Callable, lax_fn: Callable, *args) -> None:
+def _check_same_program(name: str, cnnjax_fn: Callable, lax_fn: Callable, *args) -> None:
     """Compile both on ``args``: their outputs must agree and their optimized HLO be the same
     (for a ``KNOWN_DIFFERENCES`` entry: still differ, and the test is an expected failure)."""
     lax_exe, cnnjax_exe = (jax.jit(f).lower(*args).compile() for f in (lax_fn, cnnjax_fn))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), cnnjax_exe(*args), lax_exe(*args))
-    expected, actual = (bench["normalize_hlo"](exe.as_text()) for exe in (lax_exe, cnnjax_exe))
+    expected, actual = (normalize_hlo(exe.as_text()) for exe in (lax_exe, cnnjax_exe))
     if name in KNOWN_DIFFERENCES:
         assert actual != expected, f"{name!r} now compiles to the bare lax program: remove it from KNOWN_DIFFERENCES"
         pytest.xfail(KNOWN_DIFFERENCES[name])
-    assert actual == expected, bench["hlo_diff"](expected, actual)
+    assert actual == expected, hlo_diff(expected, actual)
 
 
 def _forward_cases():
@@ -222,15 +214,14 @@ def _forward_cases():
 
 
 @pytest.mark.parametrize(("pair", "cnnjax_fn"), _forward_cases())
-def test_forward_compiles_to_the_bare_lax_program(pair, cnnjax_fn, bench):
-    _check_same_program(bench, pair.name, cnnjax_fn, pair.lax_fn, *pair.arrays())
+def test_forward_compiles_to_the_bare_lax_program(pair, cnnjax_fn):
+    _check_same_program(pair.name, cnnjax_fn, pair.lax_fn, *pair.arrays())
 
 
 @pytest.mark.parametrize("pair", [CONV[1], CONV[5], POOL[0], POOL[6]], ids=lambda p: p.name)
-def test_lax_vjp_compiles_to_lax_autodiff(pair, bench):
+def test_lax_vjp_compiles_to_lax_autodiff(pair):
     """Forward + backward (the program a training step runs) under ``impl="lax"``."""
     args = pair.arrays()
     dy = np.random.default_rng(1).standard_normal(jax.eval_shape(pair.lax_fn, *args).shape, dtype=np.float32)
-    forward_backward = bench["vjp_fn"]
-    cnnjax_fn = forward_backward(functools.partial(pair.cnnjax_fn, impl="lax"))
-    _check_same_program(bench, pair.name, cnnjax_fn, forward_backward(pair.lax_fn), args, dy)
+    cnnjax_fn = vjp_fn(functools.partial(pair.cnnjax_fn, impl="lax"))
+    _check_same_program(pair.name, cnnjax_fn, vjp_fn(pair.lax_fn), args, dy)

@@ -295,7 +295,7 @@ def test_every_layer_takes_impl(build, shape):
 
 
 def test_set_impl_switches_every_layer():
-    model = nnx.Sequential(nn.Conv(1, 2, (3, 3), rngs=nnx.Rngs(0)), nn.Sequential(nn.MaxPool(2), nn.AvgPool(1)))
+    model = nnx.Sequential(nn.Conv(1, 2, (3, 3), rngs=nnx.Rngs(0)), nnx.Sequential(nn.MaxPool(2), nn.AvgPool(1)))
     nn.set_impl(model, "lax")
     assert "cnnjax_" not in str(jax.make_jaxpr(lambda x: model(x))(jnp.ones((1, 6, 6, 1))))
     with pytest.raises(ValueError, match=r"set_impl: impl='xla' is not one of \('auto', 'closed_form', 'lax'\)"):

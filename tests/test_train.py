@@ -1,5 +1,6 @@
-"""cnnjax.train: the pure steps' values, fit's learning, determinism and bit-for-bit resume,
-checkpoint errors, 4-device data parallelism (subprocess) and the command line."""
+"""cnnjax.train: the pure steps' values, the recipe's optax pieces, fit's learning, determinism and
+bit-for-bit resume (recipe included), the metrics log, checkpoint errors, 4-device data
+parallelism and 2 processes equal to 1 (subprocesses), and the command line."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -17,9 +20,11 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from PIL import Image
 
 import cnnjax.train as train_module
-from cnnjax.data import load_digits
+from cnnjax.data import ArraySource, load_digits
+from cnnjax.pipeline import eval_batches
 from cnnjax.train import (
     CheckpointError,
     History,
@@ -27,8 +32,10 @@ from cnnjax.train import (
     evaluate,
     fit,
     init_train_state,
+    learning_rate_schedule,
     main,
     make_eval_step,
+    make_optimizer,
     make_train_step,
 )
 
@@ -109,6 +116,120 @@ def test_train_step_is_one_optax_update():
     assert old_kernel.is_deleted()  # the state is donated
 
 
+def tiny_params():
+    return init_train_state(TinyNet(rngs=nnx.Rngs(0)), optax.sgd(0.1))[1].params
+
+
+def some_grads(params, scale: float = 1.0):
+    """Distinct, deterministic gradients: a ramp per parameter."""
+    return jax.tree.map(lambda p: scale * jnp.linspace(-1.0, 1.0, p.size, dtype=p.dtype).reshape(p.shape), params)
+
+
+def run_updates(optimizer, params, steps: int = 3) -> list:
+    state, updates = optimizer.init(params), []
+    for k in range(steps):
+        update, state = optimizer.update(some_grads(params, k + 1.0), state, params)
+        updates.append(update)
+        params = optax.apply_updates(params, update)
+    return [np.asarray(leaf) for leaf in jax.tree.leaves(updates)]
+
+
+@pytest.mark.parametrize(
+    ("name", "reference"),
+    [
+        ("adam", optax.adam(3e-3)),
+        ("sgd", optax.sgd(3e-3)),
+        ("momentum", optax.sgd(3e-3, momentum=0.9)),
+        ("adamw", optax.adamw(3e-3, weight_decay=1e-4, mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p))),
+    ],
+)
+def test_make_optimizer_is_the_optax_optimizer(name, reference):
+    """Bit for bit: make_optimizer composes what optax.adam / sgd / adamw compose."""
+    params = tiny_params()
+    for ours, theirs in zip(
+        run_updates(make_optimizer(name, 3e-3), params), run_updates(reference, params), strict=True
+    ):
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def test_weight_decay_is_decoupled_and_skips_biases_and_norm_parameters():
+    """With zero gradients an SGD step is -lr * wd * w on kernels, 0 on the conv-free 1-D
+    parameters: the BatchNorm scale and offset and the head's bias."""
+    params = tiny_params()
+    optimizer = make_optimizer("sgd", 0.5, weight_decay=0.1)
+    updates, _ = optimizer.update(jax.tree.map(jnp.zeros_like, params), optimizer.init(params), params)
+    decayed = {
+        "/".join(str(k.key) for k in path if hasattr(k, "key")): bool(np.any(np.asarray(u)))
+        for path, u in jax.tree_util.tree_leaves_with_path(updates)
+    }
+    assert decayed == {
+        "conv/kernel": True,
+        "head/kernel": True,
+        "head/bias": False,
+        "norm/bias": False,
+        "norm/scale": False,
+    }
+    np.testing.assert_allclose(updates["head"]["kernel"][...], -0.05 * params["head"]["kernel"][...], rtol=1e-6)
+
+
+def test_learning_rate_schedules():
+    """Values at chosen steps, 10 steps per epoch."""
+
+    def rates(steps, **kwargs):
+        rate = learning_rate_schedule(0.1, steps_per_epoch=10, **kwargs)
+        return [round(float(rate(step)), 6) for step in steps]
+
+    assert learning_rate_schedule(0.1, schedule="constant", warmup_epochs=0, epochs=5, steps_per_epoch=10) == 0.1
+    assert rates([0, 10, 20, 49], schedule="constant", warmup_epochs=2, epochs=5) == [0.0, 0.05, 0.1, 0.1]
+    # cosine after 1 warm-up epoch over the remaining 40 steps: 0.1 * (1 + cos(pi * t / 40)) / 2
+    assert rates([0, 5, 10, 30, 50], schedule="cosine", warmup_epochs=1, epochs=5) == [0.0, 0.05, 0.1, 0.05, 0.0]
+    assert rates([0, 39, 40, 59, 60, 79], schedule="step", warmup_epochs=0, epochs=8) == [
+        0.1,
+        0.1,
+        0.01,
+        0.01,
+        0.001,
+        0.001,
+    ]
+
+
+def test_label_smoothing_cross_entropy():
+    """Against (1 - a) * one_hot + a / K targets and a float64 log-softmax."""
+    logits = np.array([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
+    labels = np.array([1, 0])
+    a = 0.3
+    targets = (1 - a) * np.eye(3)[labels] + a / 3
+    log_softmax = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    expected = -(targets * log_softmax).sum(axis=1)
+    got = cross_entropy(jnp.asarray(logits, jnp.float32), jnp.asarray(labels), label_smoothing=a)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    np.testing.assert_allclose(
+        cross_entropy(jnp.asarray(logits, jnp.float32), jnp.asarray(labels)), -log_softmax[[0, 1], labels], rtol=1e-6
+    )
+
+
+def test_bfloat16_computes_in_bfloat16_and_keeps_float32_state():
+    (x, y), _ = tiny_data()
+    x, y = x[:32], y[:32]
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        graphdef, state = init_train_state(TinyNet(rngs=nnx.Rngs(0)), optax.adam(1e-2))
+        step = make_train_step(graphdef, optax.adam(1e-2), dtype=dtype)
+        hlo = step.lower(state, x, y).as_text()
+        convolutions = [line for line in hlo.splitlines() if "convolution" in line]
+        assert convolutions and all(("bf16" in line) == (dtype == "bfloat16") for line in convolutions)
+        state, metrics = step(state, x, y)
+        losses[dtype] = float(metrics["loss"])
+        floating = [
+            leaf
+            for leaf in jax.tree.leaves((state.params, state.opt_state))
+            if jnp.issubdtype(leaf.dtype, jnp.floating)
+        ]
+        assert floating and all(leaf.dtype == jnp.float32 for leaf in floating)
+    assert losses["bfloat16"] != losses["float32"]
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=2e-2)
+
+
 def test_evaluate_sees_every_example_once():
     """5 examples in batches of 4: the padded 3 of the last batch are masked out."""
     model = nnx.Linear(3, 4, rngs=nnx.Rngs(2))
@@ -116,7 +237,7 @@ def test_evaluate_sees_every_example_once():
     y = np.array([0, 1, 2, 3, 3])
     graphdef, state = init_train_state(model, optax.sgd(0.1))
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
-    loss, accuracy = evaluate(make_eval_step(graphdef, mesh), state, x, y, 4, mesh)
+    loss, accuracy = evaluate(make_eval_step(graphdef, mesh), state, eval_batches(ArraySource(x, y), 4), mesh)
     logits = model(x)
     np.testing.assert_allclose(loss, cross_entropy(logits, y).mean(), rtol=1e-6)
     assert accuracy == np.mean(np.argmax(logits, axis=1) == y)
@@ -217,6 +338,69 @@ def test_resume_after_interruption_is_bit_for_bit(reference, tmp_path, monkeypat
     assert capsys.readouterr().out == ""  # progress=False prints nothing
     assert_same_state(state_arrays(resumed), reference[0])
     assert history == reference[1]
+
+
+RECIPE = {
+    "learning_rate": 1e-2,
+    "schedule": "cosine",
+    "warmup_epochs": 1,
+    "weight_decay": 1e-3,
+    "augment": "flip-crop",
+    "label_smoothing": 0.1,
+}
+
+
+def run_recipe(init_seed: int = 0, **kwargs):
+    """run_tiny with the recipe options and the optimizer by name."""
+    model = TinyNet(rngs=nnx.Rngs(init_seed))
+    train, test = tiny_data()
+    options = {"epochs": EPOCHS, "batch_size": BATCH, "progress": False, **RECIPE, **kwargs}
+    return model, fit(model, "adam", train, test, **options)
+
+
+def read_log(directory) -> list[dict]:
+    with open(directory / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_recipe_run_logs_every_epoch_and_resumes_bit_for_bit(tmp_path, monkeypatch):
+    """Augmentation, warm-up + cosine, weight decay and label smoothing: an interrupted and resumed
+    run (a damaged log line past its checkpoint dropped) ends with the uninterrupted run's
+    variables, history and log."""
+    model, history = run_recipe(checkpoint_dir=tmp_path / "whole", log_dir=tmp_path / "whole_log")
+    log = read_log(tmp_path / "whole_log")
+    assert [line["epoch"] for line in log] == [1, 2, 3]
+    assert [line["train_loss"] for line in log] == history.train_loss
+    assert [line["test_accuracy"] for line in log] == history.test_accuracy
+    steps = 320 // BATCH
+    rate = learning_rate_schedule(1e-2, schedule="cosine", warmup_epochs=1, epochs=EPOCHS, steps_per_epoch=steps)
+    assert [line["learning_rate"] for line in log] == pytest.approx([float(rate(k * steps - 1)) for k in (1, 2, 3)])
+    assert all(line["images_per_second"] > 0 and line["epoch_time"] > 0 and line["wall_time"] > 1.7e9 for line in log)
+
+    train_epoch, calls = train_module._train_epoch, []
+
+    def interrupted(*args):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return train_epoch(*args)
+
+    monkeypatch.setattr(train_module, "_train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(checkpoint_dir=tmp_path / "cut", log_dir=tmp_path / "cut_log")
+    monkeypatch.setattr(train_module, "_train_epoch", train_epoch)
+    shutil.rmtree(tmp_path / "cut" / "epoch_2")  # as if the run had died while saving epoch 2
+    with open(tmp_path / "cut_log" / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 3, "train_lo')
+    resumed, resumed_history = run_recipe(
+        init_seed=9, checkpoint_dir=tmp_path / "cut", resume=True, log_dir=tmp_path / "cut_log"
+    )
+    assert_same_state(state_arrays(resumed), state_arrays(model))
+    assert resumed_history == history
+    strip = lambda lines: [
+        {k: v for k, v in line.items() if k not in ("images_per_second", "epoch_time", "wall_time")} for line in lines
+    ]
+    assert strip(read_log(tmp_path / "cut_log")) == strip(log)
 
 
 def test_checkpoints_keep_the_last_two(reference):
@@ -332,7 +516,11 @@ def test_existing_checkpoints_are_never_overwritten(reference, tmp_path):
         ({"seed": -1}, ValueError, "fit: seed=-1 must be >= 0"),
         ({"batch_size": 321}, ValueError, "fit: batch_size=321 exceeds the 320 training examples"),
         ({"resume": True}, ValueError, "fit: resume=True needs a checkpoint_dir"),
-        ({"train_data": np.zeros(3)}, TypeError, "fit: train_data must be an (x, y) pair of arrays, got ndarray"),
+        (
+            {"train_data": np.zeros(3)},
+            TypeError,
+            "fit: train_data must be an (x, y) pair of arrays or an ImageFolder, got ndarray",
+        ),
         (
             {"train_data": (np.zeros((3, 8, 8, 1)), np.zeros(3))},
             TypeError,
@@ -343,13 +531,31 @@ def test_existing_checkpoints_are_never_overwritten(reference, tmp_path):
             ValueError,
             "fit: eval_data holds 3 images but 2 labels",
         ),
+        ({"eval_data": (np.zeros((0, 8, 8, 1)), np.zeros(0, int))}, ValueError, "fit: eval_data holds no examples"),
+        ({"augment": "mixup"}, ValueError, "fit: augment='mixup' must be one of none, flip-crop, random-resized-crop"),
+        ({"dtype": "float16"}, ValueError, "fit: dtype='float16' must be one of float32, bfloat16"),
+        ({"label_smoothing": 1.0}, ValueError, "fit: label_smoothing=1.0 must be a number in [0, 1)"),
+        ({"workers": -1}, ValueError, "fit: workers=-1 must be >= 0"),
+        ({"schedule": "linear"}, ValueError, "fit: schedule='linear' must be one of constant, cosine, step"),
+        ({"warmup_epochs": 1}, ValueError, "fit: warmup_epochs=1 must be less than epochs=1"),
+        ({"weight_decay": -0.1}, ValueError, "fit: weight_decay=-0.1 must be a finite number >= 0"),
+        ({"optimizer": "lbfgs"}, ValueError, "fit: optimizer='lbfgs' must be one of adam, adamw, momentum, sgd"),
+        ({"optimizer": "adam"}, ValueError, "fit: optimizer='adam' needs learning_rate, a finite number > 0, got None"),
+        ({"optimizer": optax.adam}, TypeError, "fit: optimizer must be an optax GradientTransformation or a name"),
+        (
+            {"schedule": "cosine"},
+            ValueError,
+            "fit: schedule='cosine' needs the optimizer by name (e.g. 'adam'); a GradientTransformation carries",
+        ),
+        ({"weight_decay": 0.1}, ValueError, "fit: weight_decay=0.1 needs the optimizer by name"),
     ],
 )
 def test_fit_rejects_bad_arguments(kwargs, error, message):
     train, test = tiny_data()
     options = {"train_data": train, "eval_data": test, "epochs": 1, "batch_size": BATCH, **kwargs}
+    optimizer = options.pop("optimizer", optax.adam(1e-2))
     with pytest.raises(error, match=re.escape(message)):
-        fit(TinyNet(rngs=nnx.Rngs(0)), optax.adam(1e-2), options.pop("train_data"), options.pop("eval_data"), **options)
+        fit(TinyNet(rngs=nnx.Rngs(0)), optimizer, options.pop("train_data"), options.pop("eval_data"), **options)
 
 
 def data_parallel_run():
@@ -390,6 +596,128 @@ def test_four_devices_equal_one_device(tmp_path):
     np.testing.assert_allclose(four["history"], [history.train_loss, history.test_loss], rtol=1e-5)
 
 
+_CLI_SCRIPT = """
+import sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+from cnnjax.train import main
+sys.exit(main(sys.argv[1:]))
+"""
+# LeNet-5 on 12x12 digits with most of the recipe, 44 steps of 32 per epoch.
+MULTI_PROCESS_RUN = [
+    "--image-size",
+    "12",
+    "--batch-size",
+    "32",
+    "--optimizer",
+    "momentum",
+    "--lr",
+    "0.3",
+    "--weight-decay",
+    "1e-3",
+    "--augment",
+    "flip-crop",
+    "--label-smoothing",
+    "0.1",
+    "--seed",
+    "5",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(argv: list[str], *, processes: int, devices: int, timeout: float = 300) -> list[tuple[int, str, str]]:
+    """``cnnjax-train argv`` in ``processes`` CPU processes of ``devices`` devices each, joined on
+    127.0.0.1; returns each one's (exit status, stdout, stderr). Every process ends by itself
+    or is killed at the timeout."""
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    command = [sys.executable, "-c", _CLI_SCRIPT, *argv]
+    commands = [command]
+    if processes > 1:
+        cluster = ["--coordinator-address", f"127.0.0.1:{free_port()}", "--num-processes", str(processes)]
+        commands = [[*command, *cluster, "--process-id", str(i)] for i in range(processes)]
+    running = [
+        subprocess.Popen(c, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for c in commands
+    ]
+    deadline = time.monotonic() + timeout
+    results = []
+    try:
+        for process in running:
+            out, err = process.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            results.append((process.returncode, out, err))
+    finally:
+        for process in running:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+    return results
+
+
+def restored_state(checkpoints) -> list[np.ndarray]:
+    """The variables of the last checkpoint in ``checkpoints``, restored in this 1-device process
+    by a resumed fit that has no epoch left to train."""
+    model = train_module.MODELS["lenet5"](num_classes=10, in_features=1, input_size=12, rngs=nnx.Rngs(0))
+    options = {"weight_decay": 1e-3, "augment": "flip-crop", "label_smoothing": 0.1, "learning_rate": 0.3}
+    train, _ = load_digits(12)
+    fit(
+        model,
+        "momentum",
+        train,
+        None,
+        epochs=2,
+        batch_size=32,
+        seed=5,
+        checkpoint_dir=checkpoints,
+        resume=True,
+        progress=False,
+        **options,
+    )
+    return state_arrays(model)
+
+
+def test_two_processes_equal_one_process_of_four_devices_and_resume_across_processes(tmp_path):
+    """2 processes x 2 CPU devices (gloo), 1 epoch, then resumed by 2 new processes for a second:
+    the same metrics and parameters as 1 process x 4 devices for 2 epochs, and process 1 prints
+    nothing."""
+    two, one = tmp_path / "two", tmp_path / "one"
+    printed = ""  # by process 0 of both two-process runs
+    for epochs, resume in (("1", []), ("2", ["--resume"])):
+        argv = [
+            *MULTI_PROCESS_RUN,
+            "--epochs",
+            epochs,
+            "--checkpoint-dir",
+            str(two / "ckpt"),
+            "--log-dir",
+            str(two),
+            *resume,
+        ]
+        (status0, out0, err0), (status1, out1, err1) = run_cli(argv, processes=2, devices=2)
+        assert status0 == 0 and status1 == 0, err0 + err1
+        assert out1 == "" and err1 == ""  # process 1 prints nothing
+        printed += out0
+    argv = [*MULTI_PROCESS_RUN, "--epochs", "2", "--checkpoint-dir", str(one / "ckpt"), "--log-dir", str(one)]
+    [(status, out, err)] = run_cli(argv, processes=1, devices=4)
+    assert status == 0 and "done: 2 epochs" in out, err
+    assert re.search(r"^epoch 1/1: .*^done: 1 epoch, .*^epoch 2/2: .*^done: 2 epochs, ", printed, re.M | re.S)
+    logs = {name: read_log(path) for name, path in (("two", two), ("one", one))}
+    assert [line["epoch"] for line in logs["two"]] == [line["epoch"] for line in logs["one"]] == [1, 2]
+    for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "learning_rate"):
+        np.testing.assert_allclose([x[key] for x in logs["two"]], [x[key] for x in logs["one"]], rtol=1e-5)
+    initial = state_arrays(
+        train_module.MODELS["lenet5"](num_classes=10, in_features=1, input_size=12, rngs=nnx.Rngs(5))
+    )
+    final = restored_state(two / "ckpt")
+    assert not np.allclose(final[0], initial[0])  # trained
+    for a, b in zip(final, restored_state(one / "ckpt"), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["lenet5", "resnet18"])  # the two ways a registry entry is built
 def test_model_registry_builds_for_small_images(name):
     assert {"lenet5", "resnet18", "vgg11", "mobilenet_v1"} <= set(train_module.MODELS)
@@ -417,6 +745,21 @@ def test_model_registry_builds_for_small_images(name):
         (["--dataset", "cifar10", "--data-dir", "/no/such/dir"], "--data-dir /no/such/dir is not a directory"),
         (["--resume"], "--resume needs --checkpoint-dir"),
         (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+        (["--augment", "cutout"], "argument --augment: invalid choice: 'cutout'"),
+        (["--schedule", "linear"], "argument --schedule: invalid choice: 'linear'"),
+        (["--dtype", "float16"], "argument --dtype: invalid choice: 'float16'"),
+        (["--label-smoothing", "1"], "argument --label-smoothing: must be a number in [0, 1), got '1'"),
+        (["--weight-decay", "-1"], "argument --weight-decay: must be a number in [0, inf), got '-1'"),
+        (["--weight-decay", "inf"], "argument --weight-decay: must be a number in [0, inf), got 'inf'"),
+        (["--warmup-epochs", "-1"], "argument --warmup-epochs: must be an integer >= 0"),
+        (["--warmup-epochs", "15"], "--warmup-epochs 15 must be less than --epochs 15"),
+        (["--workers", "-1"], "argument --workers: must be an integer >= 0"),
+        (["--image-size", "0"], "argument --image-size: must be an integer >= 1"),
+        (["--dataset", "imagefolder"], "--dataset imagefolder needs --data-dir"),
+        (
+            ["--dataset", "mnist", "--data-dir", "/", "--image-size", "32"],
+            "--image-size applies to --dataset digits or imagefolder, not mnist",
+        ),
     ],
 )
 def test_cli_bad_arguments_exit_2_with_one_line(capsys, argv, message):
@@ -429,8 +772,32 @@ def test_cli_bad_arguments_exit_2_with_one_line(capsys, argv, message):
     assert message in captured.err
 
 
+def write_image_tree(root, classes=("a", "b"), n_train=12, n_val=4, size=12) -> None:
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for name in classes:
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8)).save(
+                    root / split / name / f"{i}.png"
+                )
+
+
 def test_cli_unusable_data_or_checkpoints_exit_1_with_one_line(capsys, tmp_path, reference):
+    write_image_tree(tmp_path / "empty_class")
+    (tmp_path / "empty_class" / "train" / "c").mkdir()
+    (tmp_path / "empty_class" / "val" / "c").mkdir()
+    write_image_tree(tmp_path / "other_classes")
+    (tmp_path / "other_classes" / "val" / "b").rename(tmp_path / "other_classes" / "val" / "z")
     cases = [
+        (
+            ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "empty_class")],
+            f"ImageFolder: class folder {tmp_path / 'empty_class' / 'train' / 'c'} holds no image",
+        ),
+        (
+            ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "other_classes")],
+            "differ from those of " + str(tmp_path / "other_classes" / "train") + ": missing ['b'], extra ['z']",
+        ),
         (
             ["--dataset", "mnist", "--data-dir", str(tmp_path)],
             "load_mnist: " + str(tmp_path / "train-images-idx3-ubyte") + " not found",
@@ -468,6 +835,26 @@ def test_cli_default_run_reaches_97_percent_then_resumes(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and lines[0].startswith("epoch 16/16: ") and lines[1].startswith("done: 16 epochs")
     assert sorted(os.listdir(checkpoints)) == ["epoch_15", "epoch_16"]
+
+
+def test_cli_imagefolder_streams_with_a_worker_and_stops_on_an_unreadable_image(tmp_path, capsys):
+    """LeNet-5 on a 2-class folder of 12x12 grayscale PNGs decoded by a Grain worker process, with
+    the recipe flags; then a damaged image ends the run: exit 1, its path and the reason."""
+    write_image_tree(tmp_path / "data")
+    argv = ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "data"), "--image-size", "12", "--workers", "1"]
+    argv += ["--epochs", "2", "--batch-size", "8", "--augment", "random-resized-crop", "--schedule", "step"]
+    argv += ["--warmup-epochs", "1", "--label-smoothing", "0.1", "--log-dir", str(tmp_path / "log")]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2", "done"]
+    assert [line["epoch"] for line in read_log(tmp_path / "log")] == [1, 2]
+    bad = tmp_path / "data" / "train" / "b" / "3.png"
+    bad.write_bytes(bad.read_bytes()[:40])
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"cnnjax-train: error: ImageFolder: cannot read {bad}: ")
 
 
 def test_cli_subprocess_error_has_no_traceback():
