@@ -100,7 +100,8 @@ def _extreme(x, geometry: PoolGeometry, select: str, impl: str):
     """Max (``select="max"``) or min over windows of ``x``; padding never wins."""
     if impl != "lax":
         return _primitives.window_argmax(x, geometry, select, impl)[0]
-    if all(d == 1 for d in geometry.dilation):
+    padded = any(lo or hi for lo, hi in geometry.reduce_padding)
+    if all(d == 1 for d in geometry.dilation) and not (padded and jnp.issubdtype(x.dtype, jnp.floating)):
         return lax.reduce_window(
             x,
             backprop.lowest(x.dtype, select),
@@ -109,7 +110,8 @@ def _extreme(x, geometry: PoolGeometry, select: str, impl: str):
             geometry.layout.window(geometry.strides),
             geometry.layout.window(geometry.reduce_padding, (0, 0)),
         )
-    # JAX has no derivative for a dilated reduce_window max/min: gather at the arg-max instead.
+    # JAX has no derivative for a dilated reduce_window max/min, and its derivative of a padded one
+    # can pick the padding over a real -inf (the gradient is lost): gather at the arg-max instead.
     return backprop.tap_gather(x, backprop.window_argmax(lax.stop_gradient(x), geometry, select)[1], geometry)
 
 
@@ -155,8 +157,9 @@ def max_pool(
     gradient and the index then go to the window's first real element, as in PyTorch; integer
     inputs stay integers. Ties send the gradient to the first maximum in scan order (XLA's and
     PyTorch's rule), also with ``window_dilation > 1``. ``impl``: ``"auto"``, ``"closed_form"`` or
-    ``"lax"`` (:mod:`cnnjax.backprop`; with ``"lax"``, JAX's autodiff of ``lax.reduce_window``,
-    whose gradient in a window of only ``-inf`` values can go to the padding, and so is lost).
+    ``"lax"`` (:mod:`cnnjax.backprop`; with ``"lax"``, JAX's autodiff of ``lax.reduce_window``
+    where nothing is padded, else of a gather at each window's arg-max, so that padding never
+    takes the gradient).
 
     >>> x = jnp.arange(16.0).reshape(1, 4, 4, 1)
     >>> max_pool(x, 2)[0, ..., 0]

@@ -326,8 +326,59 @@ def test_conv_under_jit_traces_once_per_shape():
     jitted(x + 1.0, w, b)
 
 
+def _unbatched_cases():
+    rng = np.random.default_rng(5)
+
+    def arr(*shape):
+        return jnp.asarray(rng.standard_normal(shape), jnp.float32)
+
+    return {
+        "conv": (lambda x, lay: conv(x, arr(3, 3, 2, 4) if lay == "NHWC" else arr(4, 2, 3, 3), arr(4), layout=lay)),
+        "conv_transpose": (
+            lambda x, lay: conv_transpose(
+                x, arr(2, 2, 3, 2) if lay == "NHWC" else arr(2, 3, 2, 2), strides=2, layout=lay
+            )
+        ),
+        "depthwise_conv": (
+            lambda x, lay: depthwise_conv(x, arr(3, 3, 1, 4) if lay == "NHWC" else arr(4, 1, 3, 3), layout=lay)
+        ),
+        "separable_conv": (
+            lambda x, lay: separable_conv(
+                x,
+                arr(3, 3, 1, 2) if lay == "NHWC" else arr(2, 1, 3, 3),
+                arr(1, 1, 2, 3) if lay == "NHWC" else arr(3, 2, 1, 1),
+                layout=lay,
+            )
+        ),
+        "spatially_separable_conv": (
+            lambda x, lay: spatially_separable_conv(
+                x,
+                arr(3, 1, 2, 2) if lay == "NHWC" else arr(2, 2, 3, 1),
+                arr(1, 3, 2, 3) if lay == "NHWC" else arr(3, 2, 1, 3),
+                layout=lay,
+            )
+        ),
+    }
+
+
+@pytest.mark.parametrize("layout", [None, "NCHW"])
+@pytest.mark.parametrize("name", sorted(_unbatched_cases()))
+def test_unbatched_input_equals_a_batch_of_one(name, layout):
+    """``(H, W, C)`` / ``(C, H, W)``: the kernel's rank says 2-D, so rank 3 is unbatched, as in
+    PyTorch and ``flax.nnx.Conv``; the result has no batch axis."""
+    lay = layout or "NHWC"
+    x = jnp.asarray(
+        np.random.default_rng(6).standard_normal((1, 6, 6, 2) if lay == "NHWC" else (1, 2, 6, 6)), jnp.float32
+    )
+    # each _unbatched_cases() draws the same kernels
+    np.testing.assert_allclose(_unbatched_cases()[name](x[0], lay), _unbatched_cases()[name](x, lay)[0], **TOL)
+
+
 def test_vmap_over_unbatched_inputs_and_over_kernels():
     x, w, b = _small_problem()
+    np.testing.assert_allclose(
+        jax.vmap(lambda xi: conv(xi, w, b, padding="SAME"))(x), conv(x, w, b, padding="SAME"), **TOL
+    )
     per_example = jax.vmap(lambda xi: conv(xi[None], w, b, padding="SAME")[0])(x)
     np.testing.assert_allclose(per_example, conv(x, w, b, padding="SAME"), **TOL)
     kernels = jnp.stack([w, 2.0 * w])
@@ -388,7 +439,7 @@ W4 = np.zeros((3, 3, 4, 6), np.float32)
             ValueError,
             r"conv: x must be \(N, H, W, C\) or \(H, W, C\) for a 2-D kernel, got shape \(8,\)",
         ),
-        (lambda: conv(np.zeros((1, 5, 5, 5, 5, 4)), W4), ValueError, "or \(H, W, C\) for a 2-D kernel"),
+        (lambda: conv(np.zeros((1, 5, 5, 5, 5, 4)), W4), ValueError, r"or \(H, W, C\) for a 2-D kernel"),
         (lambda: conv(X4, W4[0]), ValueError, r"conv: x must be \(N, W, C\) or \(W, C\) for a 1-D kernel"),
         (lambda: conv(X4, W4[0, 0]), ValueError, "conv: kernel must have rank 3 to 5"),
         (lambda: conv(X4, W4, layout="NCW"), ValueError, "conv: layout='NCW' names 1 spatial dims, but kernel of"),

@@ -84,6 +84,42 @@ def test_int_kernel_size_is_one_dimensional_as_in_flax():
     assert layer(jnp.ones((1, 9, 2))).shape == (1, 9, 3)
 
 
+@pytest.mark.parametrize("batch", [(), (3,), (2, 3)])
+def test_batch_axes_as_flax_nnx_conv(batch):
+    """No batch axis, one, or several (folded into one and back), as ``flax.nnx.Conv`` takes them."""
+    ours = _with_params(lambda: nn.Conv(1, 2, (3, 3), padding="VALID", rngs=nnx.Rngs(0)), 1)
+    flax_conv = _with_params(lambda: nnx.Conv(1, 2, (3, 3), padding="VALID", rngs=nnx.Rngs(0)), 1)
+    x = _inputs((*batch, 5, 5, 1), 2)
+    y = _apply(ours, x)
+    assert y.shape == (*batch, 3, 3, 2)
+    np.testing.assert_allclose(y, _apply(flax_conv, x), **TOL)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: nn.ConvTranspose(1, 2, (2, 2), strides=2, rngs=nnx.Rngs(0)),
+        lambda: nn.DepthwiseConv(1, (3, 3), depth_multiplier=2, rngs=nnx.Rngs(0)),
+        lambda: nn.SeparableConv(1, 2, (3, 3), rngs=nnx.Rngs(0)),
+        lambda: nn.MaxPool((2, 2)),
+        lambda: nn.AvgPool((2, 2), padding=1),
+        lambda: nn.LPPool(2, (2, 2)),
+        lambda: nn.AdaptiveAvgPool((2, 3)),
+        lambda: nn.AdaptiveMaxPool((2, 3)),
+    ],
+)
+def test_layers_take_any_leading_batch_axes(make):
+    """Layers whose arguments fix the spatial rank: ``(H, W, C)`` and ``(B1, B2, H, W, C)`` give
+    the ``(N, H, W, C)`` result without ``N`` / with ``(B1, B2)``."""
+    layer = _with_params(make)
+    x = _inputs((6, 5, 5, 1), 3)
+    expected = _apply(layer, x)
+    np.testing.assert_allclose(_apply(layer, x[0]), expected[0], **TOL)
+    np.testing.assert_allclose(
+        _apply(layer, x.reshape(2, 3, 5, 5, 1)), expected.reshape(2, 3, *expected.shape[1:]), **TOL
+    )
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_conv_dtype_promotion_matches_flax(dtype):
     x = _inputs((1, 6, 6, 2))
@@ -221,8 +257,8 @@ def test_call_errors_come_from_the_functional_op():
     layer = nn.Conv(2, 3, (3, 3), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError):
         layer(jnp.ones((1, 8, 8, 5)))
-    with pytest.raises(ValueError):
-        nn.MaxPool((2, 2))(jnp.ones((8, 8, 2)))
+    with pytest.raises(ValueError, match=r"max_pool: x must be \(N, H, W, C\) or \(H, W, C\)"):
+        nn.MaxPool((2, 2))(jnp.ones((8, 2)))
 
 
 # --- recorder hook, transforms and training ---------------------------------------------------

@@ -428,6 +428,69 @@ def test_spatial_pyramid_pool_other_ranks(shape, layout, expected):
     assert spatial_pyramid_pool(jnp.ones(shape), (1, 2, 3), "avg", layout).shape == (2, expected)
 
 
+# --- unbatched inputs and -inf windows (PyTorch parity, issue 16) -------------------------------
+
+
+UNBATCHED_CALLS = {
+    "max_pool": lambda x, lay: max_pool(x, 2, 1, 1, layout=lay),
+    "avg_pool": lambda x, lay: avg_pool(x, 2, 1, 1, count_include_pad=False, layout=lay),
+    "lp_pool": lambda x, lay: lp_pool(x, 2, 2, layout=lay),
+    "max_pool_with_indices": lambda x, lay: max_pool_with_indices(x, 2, ceil_mode=True, layout=lay),
+    "adaptive_avg_pool": lambda x, lay: adaptive_avg_pool(x, 2, lay),
+    "adaptive_max_pool_with_indices": lambda x, lay: adaptive_max_pool_with_indices(x, 2, lay),
+    "spatial_pyramid_pool": lambda x, lay: spatial_pyramid_pool(x, (1, 2), layout=lay),
+}
+
+
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+@pytest.mark.parametrize("name", sorted(UNBATCHED_CALLS))
+def test_unbatched_input_equals_a_batch_of_one(name, layout):
+    """``(H, W, C)`` / ``(C, H, W)`` with a layout naming the rank: the batched result without ``N``."""
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(1, 3, 5, 5)))
+    if layout == "NHWC":
+        x = jnp.moveaxis(x, 1, -1)
+    call = UNBATCHED_CALLS[name]
+    batched, unbatched = call(x, layout), call(x[0], layout)
+    for b, u in zip(jax.tree.leaves(batched), jax.tree.leaves(unbatched), strict=True):
+        np.testing.assert_array_equal(u, b[0])
+
+
+def test_window_shape_sequence_fixes_the_rank_of_an_unbatched_input():
+    x = jnp.arange(16.0).reshape(4, 4, 1)  # (H, W, C): 2-D by window_shape=(2, 2)
+    np.testing.assert_array_equal(max_pool(x, (2, 2))[..., 0], [[5.0, 7.0], [13.0, 15.0]])
+    # the same array with an int window is (N, W, C): a 1-D pool
+    np.testing.assert_array_equal(max_pool(x, 2)[..., 0], [[1.0, 3.0], [5.0, 7.0], [9.0, 11.0], [13.0, 15.0]])
+
+
+@pytest.mark.parametrize("impl", ["auto", "closed_form", "lax"])
+def test_minus_inf_windows_route_gradient_and_index_to_the_first_real_element(impl):
+    """A window whose real elements are all ``-inf`` (with padding): as in PyTorch, the value is
+    ``-inf`` and the gradient and the index go to its first real element, never to the padding."""
+    x = jnp.array([[[-jnp.inf], [2.0], [-jnp.inf], [-jnp.inf]]])  # (N, W, C)
+    values, indices = max_pool_with_indices(x, 2, 2, 1, layout="NWC", impl=impl)  # [pad, x0], [x1, x2], [x3, pad]
+    np.testing.assert_array_equal(_flat(values), [-np.inf, 2.0, -np.inf])
+    np.testing.assert_array_equal(_flat(indices), [0, 1, 3])
+    grad = jax.grad(lambda a: jnp.sum(jnp.where(jnp.isinf(y := max_pool(a, 2, 2, 1, impl=impl)), 1.0, 2.0) * y))(x)
+    np.testing.assert_array_equal(_flat(grad), [1.0, 2.0, 0.0, 1.0])
+    grad_2d = jax.grad(lambda a: max_pool(a, 3, 1, 1, layout="NCHW", impl=impl)[0, 0, 0, 0])(
+        jnp.full((1, 1, 2, 2), -jnp.inf)
+    )
+    np.testing.assert_array_equal(grad_2d[0, 0], [[1.0, 0.0], [0.0, 0.0]])
+
+
+def test_adaptive_max_pool_with_indices_hand_computed():
+    """Bins [0, 2), [1, 4), [3, 5) of [1, 3, 3, 0, 5]: the first maximum of each (ties too)."""
+    x = jnp.array([[1.0, 3.0, 3.0, 0.0, 5.0]])  # (C, W): unbatched
+    values, indices = adaptive_max_pool_with_indices(x, 3, "NCW")
+    np.testing.assert_array_equal(values, [[3.0, 3.0, 5.0]])
+    np.testing.assert_array_equal(indices, [[1, 1, 4]])
+    assert indices.dtype == jnp.int32
+    grad = jax.grad(lambda a: adaptive_max_pool_with_indices(a, 3, "NCW")[0].sum())(x)
+    np.testing.assert_array_equal(grad, [[0.0, 2.0, 0.0, 0.0, 1.0]])
+    x2 = jnp.arange(12.0).reshape(1, 3, 4, 1)  # NHWC, bins of one size: the window-pool path
+    np.testing.assert_array_equal(adaptive_max_pool_with_indices(x2, (1, 2))[1][0, ..., 0], [[9, 11]])
+
+
 # --- indices and unpooling --------------------------------------------------------------------
 
 
