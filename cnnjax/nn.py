@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn.dtypes import promote_dtype
 
-from cnnjax._canon import check_impl
+from cnnjax._canon import canonicalize_padding, canonicalize_tuple, check_impl
 from cnnjax.convolution import conv, conv_transpose, depthwise_conv, separable_conv
 from cnnjax.pooling import (
     adaptive_avg_pool,
@@ -105,6 +105,42 @@ def _over_batch_axes(x, rank: int | None, call: Callable):
     batch = jnp.shape(x)[: jnp.ndim(x) - rank - 1]
     y = call(jnp.reshape(x, (math.prod(batch), *jnp.shape(x)[len(batch) :])))
     return y.reshape(*batch, *y.shape[1:])
+
+
+def _apply(layer, rank: int | None, op: Callable, x, *args, **kwargs):
+    """``op(x, *args, **kwargs, impl=layer.impl)`` over the leading batch axes of ``x`` (:func:`_over_batch_axes`)."""
+    return _over_batch_axes(x, rank, lambda x: op(x, *args, impl=layer.impl, **kwargs))
+
+
+def _conv_geometry(op: str, rank: int, strides, padding, **dilations) -> tuple:
+    """A conv layer's geometry canonicalized once, at construction (``cnnjax._canon``): ``strides``
+    and each of ``dilations`` (by name) a tuple of ``rank`` ints >= 1, ``padding`` a string or
+    ``rank`` ``(lo, hi)`` pairs."""
+    return (
+        canonicalize_tuple(strides, rank, "strides", op),
+        canonicalize_padding(padding, rank, op),
+        *(canonicalize_tuple(value, rank, name, op) for name, value in dilations.items()),
+    )
+
+
+def _pool_geometry(op: str, window_shape, strides, padding, window_dilation=1) -> tuple:
+    """A pool layer's ``(window_shape, strides, padding, window_dilation)`` canonicalized once, at
+    construction, when a ``window_shape`` sequence fixes the spatial rank (``strides=None`` stays:
+    it means the window). An int ``window_shape`` leaves the rank to the input: the ints are
+    checked here and broadcast by the functional op."""
+    rank = _window_rank(window_shape)
+    if rank is None:
+        ints = [("window_shape", window_shape), ("strides", strides), ("window_dilation", window_dilation)]
+        for name, value in ints:
+            if value is not None and not isinstance(value, Sequence):
+                check_positive(value, name, op)
+        return window_shape, strides, padding, window_dilation
+    return (
+        canonicalize_tuple(window_shape, rank, "window_shape", op),
+        None if strides is None else canonicalize_tuple(strides, rank, "strides", op),
+        canonicalize_padding(padding, rank, op),
+        canonicalize_tuple(window_dilation, rank, "window_dilation", op),
+    )
 
 
 def _window_rank(value) -> int | None:
@@ -191,30 +227,29 @@ class Conv(nnx.Module):
         kernel_shape = (*self.kernel_size, in_features // self.feature_group_count, out_features)
         self.kernel = nnx.Param(kernel_init(rngs.params(), kernel_shape, param_dtype))
         self.bias = _bias(use_bias, bias_init, rngs, out_features, param_dtype)
-        self.strides, self.padding, self.padding_mode = strides, padding, padding_mode
-        self.input_dilation, self.kernel_dilation = input_dilation, kernel_dilation
-        self.use_bias, self.dtype, self.param_dtype = use_bias, dtype, param_dtype
-        self.precision, self.impl = precision, impl
+        self.strides, self.padding, self.kernel_dilation, self.input_dilation = _conv_geometry(
+            op, len(self.kernel_size), strides, padding, kernel_dilation=kernel_dilation, input_dilation=input_dilation
+        )
+        self.padding_mode, self.use_bias, self.dtype, self.param_dtype = padding_mode, use_bias, dtype, param_dtype
+        self.precision, self.impl = precision, check_impl(impl, op)
 
     @_recorded
     def __call__(self, x):
         x, kernel, bias = _params(self, x, self.kernel, self.bias)
-        return _over_batch_axes(
-            x,
+        return _apply(
+            self,
             len(self.kernel_size),
-            lambda x: conv(
-                x,
-                kernel,
-                bias,
-                strides=self.strides,
-                padding=self.padding,
-                kernel_dilation=self.kernel_dilation,
-                input_dilation=self.input_dilation,
-                feature_group_count=self.feature_group_count,
-                padding_mode=self.padding_mode,
-                precision=self.precision,
-                impl=self.impl,
-            ),
+            conv,
+            x,
+            kernel,
+            bias,
+            strides=self.strides,
+            padding=self.padding,
+            kernel_dilation=self.kernel_dilation,
+            input_dilation=self.input_dilation,
+            feature_group_count=self.feature_group_count,
+            padding_mode=self.padding_mode,
+            precision=self.precision,
         )
 
 
@@ -269,29 +304,30 @@ class ConvTranspose(nnx.Module):
         kernel_shape = (*self.kernel_size, out_features // self.feature_group_count, in_features)
         self.kernel = nnx.Param(kernel_init(rngs.params(), kernel_shape, param_dtype))
         self.bias = _bias(use_bias, bias_init, rngs, out_features, param_dtype)
-        self.strides, self.padding, self.output_padding = strides, padding, output_padding
-        self.kernel_dilation = kernel_dilation
+        rank = len(self.kernel_size)
+        self.strides, self.padding, self.kernel_dilation = _conv_geometry(
+            op, rank, strides, padding, kernel_dilation=kernel_dilation
+        )
+        self.output_padding = canonicalize_tuple(output_padding, rank, "output_padding", op, minimum=0)
         self.use_bias, self.dtype, self.param_dtype = use_bias, dtype, param_dtype
-        self.precision, self.impl = precision, impl
+        self.precision, self.impl = precision, check_impl(impl, op)
 
     @_recorded
     def __call__(self, x):
         x, kernel, bias = _params(self, x, self.kernel, self.bias)
-        return _over_batch_axes(
-            x,
+        return _apply(
+            self,
             len(self.kernel_size),
-            lambda x: conv_transpose(
-                x,
-                kernel,
-                bias,
-                strides=self.strides,
-                padding=self.padding,
-                output_padding=self.output_padding,
-                kernel_dilation=self.kernel_dilation,
-                feature_group_count=self.feature_group_count,
-                precision=self.precision,
-                impl=self.impl,
-            ),
+            conv_transpose,
+            x,
+            kernel,
+            bias,
+            strides=self.strides,
+            padding=self.padding,
+            output_padding=self.output_padding,
+            kernel_dilation=self.kernel_dilation,
+            feature_group_count=self.feature_group_count,
+            precision=self.precision,
         )
 
 
@@ -335,27 +371,27 @@ class DepthwiseConv(nnx.Module):
         kernel_shape = (*self.kernel_size, 1, self.out_features)
         self.kernel = nnx.Param(kernel_init(rngs.params(), kernel_shape, param_dtype))
         self.bias = _bias(use_bias, bias_init, rngs, self.out_features, param_dtype)
-        self.strides, self.padding, self.kernel_dilation = strides, padding, kernel_dilation
+        self.strides, self.padding, self.kernel_dilation = _conv_geometry(
+            op, len(self.kernel_size), strides, padding, kernel_dilation=kernel_dilation
+        )
         self.padding_mode, self.use_bias, self.dtype = padding_mode, use_bias, dtype
-        self.param_dtype, self.precision, self.impl = param_dtype, precision, impl
+        self.param_dtype, self.precision, self.impl = param_dtype, precision, check_impl(impl, op)
 
     @_recorded
     def __call__(self, x):
         x, kernel, bias = _params(self, x, self.kernel, self.bias)
-        return _over_batch_axes(
-            x,
+        return _apply(
+            self,
             len(self.kernel_size),
-            lambda x: depthwise_conv(
-                x,
-                kernel,
-                bias,
-                strides=self.strides,
-                padding=self.padding,
-                kernel_dilation=self.kernel_dilation,
-                padding_mode=self.padding_mode,
-                precision=self.precision,
-                impl=self.impl,
-            ),
+            depthwise_conv,
+            x,
+            kernel,
+            bias,
+            strides=self.strides,
+            padding=self.padding,
+            kernel_dilation=self.kernel_dilation,
+            padding_mode=self.padding_mode,
+            precision=self.precision,
         )
 
 
@@ -404,28 +440,28 @@ class SeparableConv(nnx.Module):
         self.depthwise_kernel = nnx.Param(depthwise_init(rngs.params(), (*self.kernel_size, 1, mid), param_dtype))
         self.pointwise_kernel = nnx.Param(pointwise_init(rngs.params(), (*ones, mid, out_features), param_dtype))
         self.bias = _bias(use_bias, bias_init, rngs, out_features, param_dtype)
-        self.strides, self.padding, self.kernel_dilation = strides, padding, kernel_dilation
+        self.strides, self.padding, self.kernel_dilation = _conv_geometry(
+            op, len(self.kernel_size), strides, padding, kernel_dilation=kernel_dilation
+        )
         self.padding_mode, self.use_bias, self.dtype = padding_mode, use_bias, dtype
-        self.param_dtype, self.precision, self.impl = param_dtype, precision, impl
+        self.param_dtype, self.precision, self.impl = param_dtype, precision, check_impl(impl, op)
 
     @_recorded
     def __call__(self, x):
         x, depthwise, pointwise, bias = _params(self, x, self.depthwise_kernel, self.pointwise_kernel, self.bias)
-        return _over_batch_axes(
-            x,
+        return _apply(
+            self,
             len(self.kernel_size),
-            lambda x: separable_conv(
-                x,
-                depthwise,
-                pointwise,
-                bias,
-                strides=self.strides,
-                padding=self.padding,
-                kernel_dilation=self.kernel_dilation,
-                padding_mode=self.padding_mode,
-                precision=self.precision,
-                impl=self.impl,
-            ),
+            separable_conv,
+            x,
+            depthwise,
+            pointwise,
+            bias,
+            strides=self.strides,
+            padding=self.padding,
+            kernel_dilation=self.kernel_dilation,
+            padding_mode=self.padding_mode,
+            precision=self.precision,
         )
 
 
@@ -455,23 +491,23 @@ class MaxPool(nnx.Module):
         ceil_mode: bool = False,
         impl: str = "auto",
     ):
-        self.window_shape, self.strides, self.padding = window_shape, strides, padding
-        self.window_dilation, self.ceil_mode, self.impl = window_dilation, ceil_mode, impl
+        self.window_shape, self.strides, self.padding, self.window_dilation = _pool_geometry(
+            "MaxPool", window_shape, strides, padding, window_dilation
+        )
+        self.ceil_mode, self.impl = ceil_mode, check_impl(impl, "MaxPool")
 
     @_recorded
     def __call__(self, x):
-        return _over_batch_axes(
-            x,
+        return _apply(
+            self,
             _window_rank(self.window_shape),
-            lambda x: max_pool(
-                x,
-                self.window_shape,
-                self.strides,
-                self.padding,
-                window_dilation=self.window_dilation,
-                ceil_mode=self.ceil_mode,
-                impl=self.impl,
-            ),
+            max_pool,
+            x,
+            self.window_shape,
+            self.strides,
+            self.padding,
+            window_dilation=self.window_dilation,
+            ceil_mode=self.ceil_mode,
         )
 
 
@@ -499,25 +535,23 @@ class AvgPool(nnx.Module):
         divisor_override: int | None = None,
         impl: str = "auto",
     ):
-        self.window_shape, self.strides, self.padding = window_shape, strides, padding
+        self.window_shape, self.strides, self.padding, _ = _pool_geometry("AvgPool", window_shape, strides, padding)
         self.ceil_mode, self.count_include_pad, self.divisor_override = ceil_mode, count_include_pad, divisor_override
-        self.impl = impl
+        self.impl = check_impl(impl, "AvgPool")
 
     @_recorded
     def __call__(self, x):
-        return _over_batch_axes(
-            x,
+        return _apply(
+            self,
             _window_rank(self.window_shape),
-            lambda x: avg_pool(
-                x,
-                self.window_shape,
-                self.strides,
-                self.padding,
-                ceil_mode=self.ceil_mode,
-                count_include_pad=self.count_include_pad,
-                divisor_override=self.divisor_override,
-                impl=self.impl,
-            ),
+            avg_pool,
+            x,
+            self.window_shape,
+            self.strides,
+            self.padding,
+            ceil_mode=self.ceil_mode,
+            count_include_pad=self.count_include_pad,
+            divisor_override=self.divisor_override,
         )
 
 
@@ -542,17 +576,15 @@ class LPPool(nnx.Module):
         ceil_mode: bool = False,
         impl: str = "auto",
     ):
-        self.p, self.window_shape, self.strides, self.padding = p, window_shape, strides, padding
-        self.ceil_mode, self.impl = ceil_mode, impl
+        self.p = p
+        self.window_shape, self.strides, self.padding, _ = _pool_geometry("LPPool", window_shape, strides, padding)
+        self.ceil_mode, self.impl = ceil_mode, check_impl(impl, "LPPool")
 
     @_recorded
     def __call__(self, x):
-        return _over_batch_axes(
-            x,
-            _window_rank(self.window_shape),
-            lambda x: lp_pool(
-                x, self.p, self.window_shape, self.strides, self.padding, ceil_mode=self.ceil_mode, impl=self.impl
-            ),
+        rank = _window_rank(self.window_shape)
+        return _apply(
+            self, rank, lp_pool, x, self.p, self.window_shape, self.strides, self.padding, ceil_mode=self.ceil_mode
         )
 
 
@@ -605,13 +637,12 @@ class AdaptiveAvgPool(nnx.Module):
     """
 
     def __init__(self, output_size: int | Sequence[int], *, impl: str = "auto"):
-        self.output_size, self.impl = output_size, impl
+        self.output_size = tuple(output_size) if _window_rank(output_size) else output_size
+        self.impl = check_impl(impl, "AdaptiveAvgPool")
 
     @_recorded
     def __call__(self, x):
-        return _over_batch_axes(
-            x, _window_rank(self.output_size), lambda x: adaptive_avg_pool(x, self.output_size, impl=self.impl)
-        )
+        return _apply(self, _window_rank(self.output_size), adaptive_avg_pool, x, self.output_size)
 
 
 class AdaptiveMaxPool(nnx.Module):
@@ -625,13 +656,12 @@ class AdaptiveMaxPool(nnx.Module):
     """
 
     def __init__(self, output_size: int | Sequence[int], *, impl: str = "auto"):
-        self.output_size, self.impl = output_size, impl
+        self.output_size = tuple(output_size) if _window_rank(output_size) else output_size
+        self.impl = check_impl(impl, "AdaptiveMaxPool")
 
     @_recorded
     def __call__(self, x):
-        return _over_batch_axes(
-            x, _window_rank(self.output_size), lambda x: adaptive_max_pool(x, self.output_size, impl=self.impl)
-        )
+        return _apply(self, _window_rank(self.output_size), adaptive_max_pool, x, self.output_size)
 
 
 class SpatialPyramidPool(nnx.Module):

@@ -85,6 +85,19 @@ def _input(op: str, x, layout, per_dim=None, arg: str = "x"):
     return with_batch_axis(x, batched), layout, batched
 
 
+def _windowed(
+    op: str, reduce, x, window_shape, strides, padding, window_dilation, ceil_mode, layout, impl, require=None
+):
+    """Every windowed pool's boundary, once: ``x``'s dtype (``require``, default real) and ``impl``
+    checked, the rank rule applied and the geometry canonicalized (:func:`_geometry`); then
+    ``reduce(x, geometry=..., impl=...)`` on the batched input, its result without an added batch axis."""
+    x = jnp.asarray(x)
+    (require or _require_real)(x, op)
+    impl = check_impl(impl, op)
+    x, geometry, batched = _geometry(x, window_shape, strides, padding, window_dilation, ceil_mode, layout, op)
+    return without_batch_axis(reduce(x, geometry=geometry, impl=impl), batched)
+
+
 def _geometry(x, window_shape, strides, padding, window_dilation, ceil_mode, layout, op):
     """A windowed pool's boundary: ``(x with a batch axis, PoolGeometry, batched)``."""
     x, layout, batched = _input(op, x, layout, ("window_shape", window_shape))
@@ -169,12 +182,8 @@ def max_pool(
     Array([[[ 5.,  7.],
             [13., 15.]]], dtype=float32)
     """
-    op = "max_pool"
-    x = jnp.asarray(x)
-    _require_real(x, op)
-    impl = check_impl(impl, op)
-    x, geometry, batched = _geometry(x, window_shape, strides, padding, window_dilation, ceil_mode, layout, op)
-    return without_batch_axis(_extreme(x, geometry, "max", impl), batched)
+    reduce = functools.partial(_extreme, select="max")
+    return _windowed("max_pool", reduce, x, window_shape, strides, padding, window_dilation, ceil_mode, layout, impl)
 
 
 def min_pool(
@@ -198,12 +207,8 @@ def min_pool(
     Array([[ 0.,  2.],
            [ 8., 10.]], dtype=float32)
     """
-    op = "min_pool"
-    x = jnp.asarray(x)
-    _require_real(x, op)
-    impl = check_impl(impl, op)
-    x, geometry, batched = _geometry(x, window_shape, strides, padding, window_dilation, ceil_mode, layout, op)
-    return without_batch_axis(_extreme(x, geometry, "min", impl), batched)
+    reduce = functools.partial(_extreme, select="min")
+    return _windowed("min_pool", reduce, x, window_shape, strides, padding, window_dilation, ceil_mode, layout, impl)
 
 
 def sum_pool(
@@ -226,12 +231,9 @@ def sum_pool(
     Array([[10, 18],
            [42, 50]], dtype=int32)
     """
-    op = "sum_pool"
-    x = jnp.asarray(x)
-    _require_real(x, op)
-    impl = check_impl(impl, op)
-    x, geometry, batched = _geometry(x, window_shape, strides, padding, window_dilation, ceil_mode, layout, op)
-    return without_batch_axis(_window_sum(x, geometry, impl), batched)
+    return _windowed(
+        "sum_pool", _window_sum, x, window_shape, strides, padding, window_dilation, ceil_mode, layout, impl
+    )
 
 
 def avg_pool(
@@ -260,17 +262,17 @@ def avg_pool(
            [10.5, 12.5]], dtype=float32)
     """
     op = "avg_pool"
-    x = jnp.asarray(x)
-    require_float(x, op)
-    impl = check_impl(impl, op)
     if divisor_override is not None:
         if isinstance(divisor_override, bool) or not hasattr(divisor_override, "__index__"):
             raise TypeError(f"{op}: divisor_override must be an int, got {divisor_override!r}")
         divisor_override = int(divisor_override.__index__())
         if divisor_override == 0:
             raise ValueError(f"{op}: divisor_override=0 must be a nonzero int")
-    x, geometry, batched = _geometry(x, window_shape, strides, padding, 1, ceil_mode, layout, op)
-    return without_batch_axis(_average(x, geometry, bool(count_include_pad), divisor_override, impl), batched)
+
+    def reduce(x, geometry, impl):
+        return _average(x, geometry, bool(count_include_pad), divisor_override, impl)
+
+    return _windowed(op, reduce, x, window_shape, strides, padding, 1, ceil_mode, layout, impl, require_float)
 
 
 def lp_pool(
@@ -300,13 +302,10 @@ def lp_pool(
            [6., 6.]], dtype=float32)
     """
     op = "lp_pool"
-    x = jnp.asarray(x)
-    require_float(x, op)
-    impl = check_impl(impl, op)
     if isinstance(p, bool) or not isinstance(p, numbers.Real) or not p > 0:
         raise ValueError(f"{op}: p={p!r} must be a number > 0 (or inf)")
-    x, geometry, batched = _geometry(x, window_shape, strides, padding, 1, ceil_mode, layout, op)
-    return without_batch_axis(_lp(x, p, geometry, impl), batched)
+    reduce = functools.partial(_lp, p=p)
+    return _windowed(op, reduce, x, window_shape, strides, padding, 1, ceil_mode, layout, impl, require_float)
 
 
 def _lp(x, p, geometry: PoolGeometry, impl: str):
@@ -544,11 +543,7 @@ def max_pool_with_indices(
     (Array([3., 5.], dtype=float32), Array([0, 3], dtype=int32))
     """
     op = "max_pool_with_indices"
-    x = jnp.asarray(x)
-    _require_real(x, op)
-    impl = check_impl(impl, op)
-    x, geometry, batched = _geometry(x, window_shape, strides, padding, window_dilation, ceil_mode, layout, op)
-    return without_batch_axis(_with_indices(x, geometry, impl), batched)
+    return _windowed(op, _with_indices, x, window_shape, strides, padding, window_dilation, ceil_mode, layout, impl)
 
 
 @functools.partial(jax.jit, static_argnames=("geometry", "impl"))

@@ -253,6 +253,30 @@ def test_construction_errors_name_op_argument_and_value(make, message):
         make()
 
 
+def test_geometry_is_canonicalized_once_at_construction():
+    """Tuples of ints and (lo, hi) pairs past ``__init__`` (padding strings stay: they depend on the input)."""
+    layer = nn.Conv(1, 2, (3, 3), 2, padding=1, kernel_dilation=[1, 2], rngs=nnx.Rngs(0))
+    assert (layer.strides, layer.padding, layer.kernel_dilation, layer.input_dilation) == (
+        (2, 2),
+        ((1, 1), (1, 1)),
+        (1, 2),
+        (1, 1),
+    )
+    assert nn.ConvTranspose(1, 2, (2,), 2, padding="same", output_padding=1, rngs=nnx.Rngs(0)).output_padding == (1,)
+    pool = nn.MaxPool([2, 2], padding=[1, 0])
+    assert (pool.window_shape, pool.strides, pool.padding, pool.window_dilation) == (
+        (2, 2),
+        None,
+        ((1, 1), (0, 0)),
+        (1, 1),
+    )
+    assert nn.MaxPool(2).window_shape == 2  # an int leaves the rank to the input
+    with pytest.raises(ValueError, match=r"MaxPool: strides=\(1, 1, 1\) must have one entry per spatial dim \(2\)"):
+        nn.MaxPool((2, 2), (1, 1, 1))
+    with pytest.raises(ValueError, match=r"AvgPool: window_shape=0 must be >= 1"):
+        nn.AvgPool(0)
+
+
 def test_call_errors_come_from_the_functional_op():
     layer = nn.Conv(2, 3, (3, 3), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError):
@@ -336,5 +360,5 @@ def test_set_impl_switches_every_layer():
     assert "cnnjax_" not in str(jax.make_jaxpr(lambda x: model(x))(jnp.ones((1, 6, 6, 1))))
     with pytest.raises(ValueError, match=r"set_impl: impl='xla' is not one of \('auto', 'closed_form', 'lax'\)"):
         nn.set_impl(model, "xla")
-    with pytest.raises(ValueError, match=r"conv: impl='xla' is not one of"):
-        nn.Conv(1, 2, (3, 3), impl="xla", rngs=nnx.Rngs(0))(jnp.ones((1, 6, 6, 1)))
+    with pytest.raises(ValueError, match=r"Conv: impl='xla' is not one of"):  # at construction
+        nn.Conv(1, 2, (3, 3), impl="xla", rngs=nnx.Rngs(0))
