@@ -1,6 +1,7 @@
 """cnnjax against PyTorch's own sample inputs: the ``op_db`` and ``module_db`` of ``torch.testing._internal``.
 
-Not hand-picked cases: every float64 sample PyTorch's OpInfo suite draws for ``conv1d/2d/3d``,
+Not hand-picked cases: the float64 samples PyTorch's OpInfo suite draws (a spread by default, all of
+them on request: below) for ``conv1d/2d/3d``,
 ``conv_transpose1d/2d/3d``, ``max_pool1d/2d/3d`` (with ``return_indices``, and the
 ``max_pool2d_with_indices_backward`` samples), ``max_unpool1d/2d/3d`` (and their ``grad``
 variants), ``avg_pool1d/2d/3d``, ``adaptive_avg/max_pool1d/2d/3d``, and ``module_db``'s
@@ -11,14 +12,17 @@ autograd against ``jax.vjp`` at the same cotangent). PyTorch's error samples for
 must raise ``ValueError`` or ``TypeError`` in cnnjax. A sample that cannot pass is skipped only
 for a reason in ``DIFFERENCES``, each a deliberate difference listed in the README's Conventions.
 
-Time budget. The max-pool and max-unpool families hold about 5,000 samples, most of them the
-same geometry in another dtype, memory format or ``requires_grad`` setting (one float64 geometry
-is one sample here), and each new geometry costs cnnjax a compile. So by default each op runs its
-samples with duplicate geometry (input shape and every argument) dropped and, of those, at most
-``PER_OP`` evenly spaced (the first, the last, and between), always keeping the unbatched and
-empty-batch ones among them when the op has any; about 130 calls in all. With
-``CNNJAX_ALL_TORCH_SAMPLES=1`` every distinct geometry of every op runs (a few minutes).
-Importing PyTorch's sample database itself takes several seconds and happens once per worker.
+Time budget (aim: well under a minute on 2 cores). The max-pool and max-unpool families hold
+about 5,000 samples, most of them one geometry in another dtype, memory format or
+``requires_grad`` setting, and every new geometry costs cnnjax a compile. So by default each op
+keeps, of its samples with distinct geometry (input shape and every argument), ``PER_OP`` = 1
+from the middle of the list plus its first unbatched one: about 60 calls. For the max-pool
+families the geometries are spread out before any tensor is made (PyTorch's own parameter
+generator, ``_TestParamsMaxPool{1,2,3}d``, which ``sample_inputs_max_pool`` turns into samples;
+the unpool samples are PyTorch's, built from those), and ``max_pool2d_with_indices_backward``,
+whose samples are ``max_pool2d``'s (gradients checked there), is left out. With
+``CNNJAX_ALL_TORCH_SAMPLES=1`` every distinct geometry of every op runs, the backward op too (a
+few minutes). Importing PyTorch's sample database takes several seconds, once per worker.
 """
 
 from __future__ import annotations
