@@ -113,19 +113,39 @@ def _extreme(x, geometry: PoolGeometry, select: str, impl: str):
     """Max (``select="max"``) or min over windows of ``x``; padding never wins."""
     if impl != "lax":
         return _primitives.window_argmax(x, geometry, select, impl)[0]
-    padded = any(lo or hi for lo, hi in geometry.reduce_padding)
-    if all(d == 1 for d in geometry.dilation) and not (padded and jnp.issubdtype(x.dtype, jnp.floating)):
-        return lax.reduce_window(
-            x,
-            backprop.lowest(x.dtype, select),
-            lax.max if select == "max" else lax.min,
-            geometry.layout.window(geometry.window),
-            geometry.layout.window(geometry.strides),
-            geometry.layout.window(geometry.reduce_padding, (0, 0)),
-        )
-    # JAX has no derivative for a dilated reduce_window max/min, and its derivative of a padded one
-    # can pick the padding over a real -inf (the gradient is lost): gather at the arg-max instead.
-    return backprop.tap_gather(x, backprop.window_argmax(lax.stop_gradient(x), geometry, select)[1], geometry)
+    if any(d != 1 for d in geometry.dilation):
+        # JAX has no derivative for a dilated reduce_window max/min: gather at the arg-max instead.
+        return backprop.tap_gather(x, backprop.window_argmax(lax.stop_gradient(x), geometry, select)[1], geometry)
+    if any(lo or hi for lo, hi in geometry.reduce_padding) and jnp.issubdtype(x.dtype, jnp.floating):
+        return _padded_reduce_window(x, geometry, select)
+    return _reduce_window(x, geometry, select)
+
+
+def _reduce_window(x, geometry: PoolGeometry, select: str):
+    """The bare ``lax.reduce_window`` max/min, padding with the dtype's lowest (highest) value."""
+    return lax.reduce_window(
+        x,
+        backprop.lowest(x.dtype, select),
+        lax.max if select == "max" else lax.min,
+        geometry.layout.window(geometry.window),
+        geometry.layout.window(geometry.strides),
+        geometry.layout.window(geometry.reduce_padding, (0, 0)),
+    )
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def _padded_reduce_window(x, geometry: PoolGeometry, select: str):
+    """:func:`_reduce_window` (its forward program, unchanged) whose derivative goes to each window's
+    first extreme real element: JAX's own rule can pick the ``-inf`` padding over a real ``-inf``
+    there, and the gradient is lost. The tangent is a plain ``lax`` gather at the arg-max."""
+    return _reduce_window(x, geometry, select)
+
+
+@_padded_reduce_window.defjvp
+def _padded_reduce_window_jvp(geometry, select, primals, tangents):
+    (x,), (t,) = primals, tangents
+    tap = backprop.window_argmax(lax.stop_gradient(x), geometry, select)[1]
+    return _padded_reduce_window(x, geometry, select), backprop.tap_gather(t, tap, geometry)
 
 
 @functools.partial(jax.jit, static_argnames=("geometry", "impl"))
@@ -170,9 +190,9 @@ def max_pool(
     gradient and the index then go to the window's first real element, as in PyTorch; integer
     inputs stay integers. Ties send the gradient to the first maximum in scan order (XLA's and
     PyTorch's rule), also with ``window_dilation > 1``. ``impl``: ``"auto"``, ``"closed_form"`` or
-    ``"lax"`` (:mod:`cnnjax.backprop`; with ``"lax"``, JAX's autodiff of ``lax.reduce_window``
-    where nothing is padded, else of a gather at each window's arg-max, so that padding never
-    takes the gradient).
+    ``"lax"`` (:mod:`cnnjax.backprop`; with ``"lax"``, the bare ``lax.reduce_window`` and JAX's
+    autodiff of it where nothing is padded; with padding, the same forward whose derivative is a
+    gather at each window's arg-max, so that padding never takes the gradient).
 
     >>> x = jnp.arange(16.0).reshape(1, 4, 4, 1)
     >>> max_pool(x, 2)[0, ..., 0]
