@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -17,22 +18,23 @@ from cnnjax.shapes import PADDING_STRINGS, check_positive, conv_output_size, poo
 
 IMPLS = ("auto", "closed_form", "lax")
 _SPATIAL_LETTERS = {1: "W", 2: "HW", 3: "DHW"}
+# name -> (channels_last, spatial rank): every name fixes its rank ("NHWC" is 2-D, "NWC" 1-D)
 _NAMED_LAYOUTS = {
     "NWC": (True, 1),
-    "NHWC": (True, None),
+    "NHWC": (True, 2),
     "NDHWC": (True, 3),
     "NCW": (False, 1),
-    "NCHW": (False, None),
+    "NCHW": (False, 2),
     "NCDHW": (False, 3),
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """Where the channel axis is, and how many spatial dims there are.
+    """Where the channel axis is, and how many spatial dims there are (of a batched array).
 
-    ``"NHWC"``/``"NCHW"`` mean channels-last/-first for any spatial rank (taken from the
-    input's rank); ``"NWC"``, ``"NCW"``, ``"NDHWC"``, ``"NCDHW"`` also fix the rank.
+    Built by :func:`layout_of` from a layout name (``"NWC"`` .. ``"NCDHW"``, each naming its
+    spatial rank) or ``None`` (channels-last) and the call's spatial rank.
     """
 
     channels_last: bool
@@ -91,23 +93,80 @@ class Layout:
             return (fill, *spatial, fill)
         return (fill, fill, *spatial)
 
+    def doc(self, batched: bool = True) -> str:
+        """The shape an input has in this layout, in letters: ``"(N, H, W, C)"``, ``"(C, H, W)"``."""
+        letters = self.lhs if batched else self.lhs[1:]
+        return f"({', '.join(letters)})"
 
-def layout_of(x, layout, op: str, arg: str = "x") -> Layout:
-    """Check ``x`` is batched with a spatial rank of 1 to 3 and return its ``Layout``."""
+
+def named_rank(layout, op: str) -> tuple[bool, int | None]:
+    """``(channels_last, spatial rank or None)`` of a layout argument: a name (any case) or ``None``."""
+    if layout is None:
+        return True, None
     if not isinstance(layout, str) or layout.upper() not in _NAMED_LAYOUTS:
-        raise ValueError(f"{op}: layout={layout!r} is not one of {tuple(_NAMED_LAYOUTS)}")
-    channels_last, rank = _NAMED_LAYOUTS[layout.upper()]
-    ndim = jnp.ndim(x)
-    if rank is None:
-        if not 3 <= ndim <= 5:
+        raise ValueError(f"{op}: layout={layout!r} is not one of {tuple(_NAMED_LAYOUTS)} or None")
+    return _NAMED_LAYOUTS[layout.upper()]
+
+
+def layout_of(shape, layout, op: str, *, kernel_shape=None, kernel_arg: str = "kernel", per_dim=None, arg: str = "x"):
+    """The rank rule (``API.md``, "Layouts and ranks" and "Inputs"): ``(Layout, batched)`` of an input.
+
+    The spatial rank comes from, first to last: ``kernel_shape`` (its rank minus 2, conv ops);
+    ``per_dim = (name, value)`` when ``value`` is a sequence (a pool's ``window_shape`` or
+    ``output_size``: its length); the rank ``layout`` names (``"NHWC"``: 2); otherwise the input's
+    rank minus 2. An input of rank ``spatial + 2`` is batched, of rank ``spatial + 1`` unbatched
+    (the op adds the batch axis at its boundary and drops it from the result); any other rank, or
+    a layout that names another rank than the kernel or sequence, raises ``ValueError`` naming the
+    shapes expected. ``layout=None`` is channels-last.
+
+    >>> layout_of((3, 8, 8), "NCHW", "max_pool")
+    (Layout(channels_last=False, spatial_rank=2), False)
+    >>> layout_of((1, 8, 8, 3), None, "conv", kernel_shape=(3, 3, 3, 16))
+    (Layout(channels_last=True, spatial_rank=2), True)
+    """
+    shape = tuple(shape)
+    channels_last, named = named_rank(layout, op)
+    rank, source = None, ""
+    if kernel_shape is not None:
+        kernel_shape = tuple(kernel_shape)
+        rank, source = len(kernel_shape) - 2, f"{kernel_arg} of shape {kernel_shape}"
+        if not 1 <= rank <= 3:
             raise ValueError(
-                f"{op}: {arg} must be batched with 1 to 3 spatial dims (rank 3 to 5) in layout {layout!r}, "
-                f"got rank {ndim} with shape {jnp.shape(x)}"
+                f"{op}: {kernel_arg} must have rank 3 to 5 (1 to 3 spatial dims and two channel axes), "
+                f"got shape {kernel_shape}"
             )
-        rank = ndim - 2
-    elif ndim != rank + 2:
-        raise ValueError(f"{op}: {arg} must have rank {rank + 2} in layout {layout!r}, got shape {jnp.shape(x)}")
-    return Layout(channels_last, rank)
+        reason = f"a {rank}-D {kernel_arg}"
+    elif per_dim is not None and isinstance(per_dim[1], Sequence) and not isinstance(per_dim[1], str):
+        name, value = per_dim
+        rank, source = len(value), f"{name}={tuple(value)!r}"
+        if not 1 <= rank <= 3:
+            raise ValueError(f"{op}: {source} must have one entry per spatial dim, 1 to 3")
+        reason = source
+    if rank is not None and named is not None and named != rank:
+        raise ValueError(f"{op}: layout={layout!r} names {named} spatial dims, but {source} has {rank}")
+    if rank is None and named is not None:
+        rank, reason = named, f"layout {layout!r}"
+    elif rank is None:
+        rank = len(shape) - 2
+        if not 1 <= rank <= 3:
+            raise ValueError(
+                f"{op}: {arg} must be batched with 1 to 3 spatial dims, (N, W, C) to (N, D, H, W, C), when no "
+                f"kernel, window_shape/output_size sequence or layout name gives the spatial rank; got shape {shape}"
+            )
+    lay = Layout(channels_last, rank)
+    if len(shape) not in (rank + 1, rank + 2):
+        raise ValueError(f"{op}: {arg} must be {lay.doc()} or {lay.doc(batched=False)} for {reason}, got shape {shape}")
+    return lay, len(shape) == rank + 2
+
+
+def with_batch_axis(x, batched: bool):
+    """``x`` batched: as it is, or with a batch axis of 1 added in front (an unbatched input)."""
+    return x if batched else x[None]
+
+
+def without_batch_axis(y, batched: bool):
+    """Undo :func:`with_batch_axis` on an op's result (an array or a tuple of arrays)."""
+    return y if batched else jax.tree.map(lambda a: a[0], y)
 
 
 def canonicalize_tuple(value, n: int, name: str, op: str, minimum: int = 1) -> tuple[int, ...]:
@@ -257,15 +316,11 @@ def kernel_doc(layout: Layout) -> str:
 def conv_geometry(
     op: str, x_shape, kernel_shape, layout: Layout, strides, padding, kernel_dilation, feature_group_count
 ) -> ConvGeometry:
-    """Check a forward kernel ``(.., C_in // groups, C_out)`` against an input of ``x_shape`` and
-    canonicalize the rest; raises ``ValueError`` naming ``op`` and the offending value."""
+    """Check a forward kernel ``(.., C_in // groups, C_out)`` against a batched input of ``x_shape``
+    (both of ``layout``'s rank, :func:`layout_of`) and canonicalize the rest; raises ``ValueError``
+    naming ``op`` and the offending value."""
     x_shape, kernel_shape = tuple(x_shape), tuple(kernel_shape)
     rank = layout.spatial_rank
-    if len(kernel_shape) != rank + 2:
-        raise ValueError(
-            f"{op}: kernel must have rank {rank + 2} ({kernel_doc(layout)}) to match x of shape {x_shape}, "
-            f"got kernel shape {kernel_shape}"
-        )
     groups = check_positive(feature_group_count, "feature_group_count", op)
     c_in = layout.channels(x_shape)
     k_in, c_out = kernel_shape[layout.kernel_in_axis], kernel_shape[layout.kernel_out_axis]
@@ -288,9 +343,24 @@ def conv_geometry(
     return ConvGeometry(layout, sizes, window, strides, pairs, dilation, groups)
 
 
+def _first_empty_window(n: int, w: int, s: int, d: int, lo: int, out: int) -> int | None:
+    """The first of ``out`` windows (taps ``j*s + a*d - lo``, ``a < w``) with no tap inside
+    ``[0, n)``, or ``None``. Taps ``d <= n`` apart cannot skip over the input, so then only a
+    window wholly in the left padding (the first) or the right padding (the last) can be empty."""
+    for j in range(out) if d > n else (0, out - 1):
+        start = j * s - lo
+        first = -(start // d) if start < 0 else 0  # the first tap at or after position 0
+        if first >= w or start + first * d >= n:
+            return j
+    return None
+
+
 def pool_geometry(op: str, x_shape, layout: Layout, window_shape, strides, padding, window_dilation, ceil_mode):
-    """Canonicalize a pooling call once (``strides=None`` means the window, PyTorch/d2l);
-    raises ``ValueError`` if an output size would be < 1."""
+    """Canonicalize a pooling call once (``strides=None`` means the window, PyTorch/d2l).
+
+    Raises ``ValueError`` if an output size would be < 1, or if a window would hold no input
+    element, only padding (PyTorch refuses such padding too: it caps it at half the window).
+    """
     rank = layout.spatial_rank
     sizes = layout.spatial(x_shape)
     window = canonicalize_tuple(window_shape, rank, "window_shape", op)
@@ -308,4 +378,12 @@ def pool_geometry(op: str, x_shape, layout: Layout, window_shape, strides, paddi
         pool_output_size(n, w, s, pair, d, bool(ceil_mode))
         for n, w, s, pair, d in zip(sizes, window, strides, pads, dilation, strict=True)
     )
+    for dim, (n, w, s, d, (lo, hi), o) in enumerate(zip(sizes, window, strides, dilation, pads, out, strict=True)):
+        j = _first_empty_window(n, w, s, d, lo, o)
+        if j is not None:
+            raise ValueError(
+                f"{op}: padding ({lo}, {hi}) along spatial dim {dim} (size {n}) leaves window {j} with no input "
+                f"element, only padding (window_shape={window}, strides={strides}, window_dilation={dilation}); "
+                f"every window must hold at least one"
+            )
     return PoolGeometry(layout, sizes, window, strides, pads, dilation, out)

@@ -47,6 +47,8 @@ from cnnjax._canon import (
     layout_of,
     pool_geometry,
     require_float,
+    with_batch_axis,
+    without_batch_axis,
 )
 from cnnjax.shapes import pool_window_counts
 
@@ -373,11 +375,12 @@ def _check_output(op: str, forward: str, dy, expected) -> None:
         )
 
 
-def _input_shape(op: str, input_shape, rank: int) -> tuple[int, ...]:
+def _input_shape(op: str, input_shape, like, batched: bool) -> tuple[int, ...]:
+    """The forward input's shape: of ``like``'s rank (``dy``'s), batched like it."""
     input_shape = tuple(input_shape)
-    if len(input_shape) != rank:
-        raise ValueError(f"{op}: input_shape must have rank {rank}, got {input_shape}")
-    return input_shape
+    if len(input_shape) != jnp.ndim(like):
+        raise ValueError(f"{op}: input_shape must have rank {jnp.ndim(like)} (dy's), got {input_shape}")
+    return input_shape if batched else (1, *input_shape)
 
 
 def conv_input_grad(
@@ -389,7 +392,7 @@ def conv_input_grad(
     padding="VALID",
     kernel_dilation=1,
     feature_group_count=1,
-    layout="NHWC",
+    layout=None,
     precision=None,
 ):
     """Gradient of ``conv(x, kernel, ...)`` with respect to ``x`` (notes 002, conv backprop).
@@ -397,9 +400,10 @@ def conv_input_grad(
     ``delta_l = pad(dilate(delta_{l+1}, s)) (*) rot180(W)`` with the kernel's input and output
     channels swapped (:func:`input_grad`).
 
-    dy: ``(N, *out, C_out)`` (NHWC) or ``(N, C_out, *out)`` (NCHW), with
-    ``out = floor((n + lo + hi - d*(k-1) - 1) / s) + 1``; kernel: HWIO ``(*window, C_in/G, C_out)``
-    or OIHW ``(C_out, C_in/G, *window)``; input_shape: the forward input's shape.
+    dy: ``(N, *out, C_out)`` (channels-last) or ``(N, C_out, *out)`` (channels-first), or unbatched
+    without ``N``, with ``out = floor((n + lo + hi - d*(k-1) - 1) / s) + 1``; kernel: HWIO
+    ``(*window, C_in/G, C_out)`` or OIHW ``(C_out, C_in/G, *window)`` (its rank minus 2 is the
+    spatial rank, as in ``conv``); input_shape: the forward input's shape (batched like ``dy``).
     Returns: an array of ``input_shape``, what ``jax.vjp`` of the forward conv returns for ``x``.
 
     >>> dy = jnp.ones((1, 2, 2, 1))
@@ -407,14 +411,15 @@ def conv_input_grad(
     [[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]
     """
     op = "conv_input_grad"
-    lay = layout_of(dy, layout, op, "dy")
     require_float(dy, op, "dy")
     require_float(kernel, op, "kernel")
-    input_shape = _input_shape(op, input_shape, jnp.ndim(dy))
+    lay, batched = layout_of(jnp.shape(dy), layout, op, kernel_shape=jnp.shape(kernel), arg="dy")
+    input_shape = _input_shape(op, input_shape, dy, batched)
+    dy = with_batch_axis(jnp.asarray(dy), batched)
     g = conv_geometry(op, input_shape, jnp.shape(kernel), lay, strides, padding, kernel_dilation, feature_group_count)
     _check_output(op, "conv", dy, lay.shape(input_shape[0], g.output_spatial, jnp.shape(kernel)[lay.kernel_out_axis]))
     dtype = jnp.result_type(dy, kernel)
-    return input_grad(jnp.asarray(dy, dtype), jnp.asarray(kernel, dtype), g, precision)
+    return without_batch_axis(input_grad(dy.astype(dtype), jnp.asarray(kernel, dtype), g, precision), batched)
 
 
 def conv_kernel_grad(
@@ -426,7 +431,7 @@ def conv_kernel_grad(
     padding="VALID",
     kernel_dilation=1,
     feature_group_count=1,
-    layout="NHWC",
+    layout=None,
     precision=None,
 ):
     """Gradient of ``conv(x, kernel, ...)`` with respect to ``kernel`` (notes 002, conv backprop).
@@ -435,51 +440,53 @@ def conv_kernel_grad(
     over batch and space per kernel tap, grouped channels contracted within their group
     (:func:`kernel_grad`).
 
-    x: ``(N, *spatial, C_in)`` (NHWC) or ``(N, C_in, *spatial)``; dy: the forward output's shape,
-    ``out = floor((n + lo + hi - d*(k-1) - 1) / s) + 1``; kernel_shape: HWIO
-    ``(*window, C_in/G, C_out)`` or OIHW ``(C_out, C_in/G, *window)``.
-    Returns: an array of ``kernel_shape``.
+    x: ``(N, *spatial, C_in)`` (channels-last) or ``(N, C_in, *spatial)``, or unbatched without
+    ``N``; dy: the forward output's shape, ``out = floor((n + lo + hi - d*(k-1) - 1) / s) + 1``;
+    kernel_shape: HWIO ``(*window, C_in/G, C_out)`` or OIHW ``(C_out, C_in/G, *window)`` (its rank
+    minus 2 is the spatial rank). Returns: an array of ``kernel_shape``.
 
     >>> x = jnp.arange(9.0).reshape(1, 3, 3, 1)
     >>> conv_kernel_grad(x, jnp.ones((1, 2, 2, 1)), (2, 2, 1, 1))[:, :, 0, 0].tolist()
     [[8.0, 12.0], [20.0, 24.0]]
     """
     op = "conv_kernel_grad"
-    lay = layout_of(x, layout, op)
     require_float(x, op)
     require_float(dy, op, "dy")
-    g = conv_geometry(
-        op, jnp.shape(x), tuple(kernel_shape), lay, strides, padding, kernel_dilation, feature_group_count
-    )
-    _check_output(
-        op, "conv", dy, lay.shape(jnp.shape(x)[0], g.output_spatial, tuple(kernel_shape)[lay.kernel_out_axis])
-    )
+    kernel_shape = tuple(kernel_shape)
+    lay, batched = layout_of(jnp.shape(x), layout, op, kernel_shape=kernel_shape, kernel_arg="kernel_shape")
+    if jnp.ndim(dy) != jnp.ndim(x):
+        raise ValueError(f"{op}: dy must have the rank of x ({jnp.ndim(x)}), got shape {jnp.shape(dy)}")
+    x, dy = with_batch_axis(jnp.asarray(x), batched), with_batch_axis(jnp.asarray(dy), batched)
+    g = conv_geometry(op, x.shape, kernel_shape, lay, strides, padding, kernel_dilation, feature_group_count)
+    _check_output(op, "conv", dy, lay.shape(x.shape[0], g.output_spatial, kernel_shape[lay.kernel_out_axis]))
     dtype = jnp.result_type(x, dy)
-    return kernel_grad(jnp.asarray(x, dtype), jnp.asarray(dy, dtype), g, precision)
+    return kernel_grad(x.astype(dtype), dy.astype(dtype), g, precision)
 
 
-def conv_bias_grad(dy, layout="NHWC"):
+def conv_bias_grad(dy, layout=None):
     """Gradient of a conv's bias: ``db = sum delta`` over batch and space (notes 002, ``db = delta``).
 
-    dy: ``(N, *out, C_out)`` (NHWC) or ``(N, C_out, *out)``. Returns: ``(C_out,)``.
+    dy: ``(N, *out, C_out)`` (channels-last) or ``(N, C_out, *out)``; unbatched (without ``N``)
+    when ``layout`` names the spatial rank (else the rank is ``dy.ndim - 2``). Returns: ``(C_out,)``.
 
     >>> conv_bias_grad(jnp.ones((2, 3, 3, 4))).tolist()
     [18.0, 18.0, 18.0, 18.0]
     """
     op = "conv_bias_grad"
-    lay = layout_of(dy, layout, op, "dy")
     require_float(dy, op, "dy")
-    return jnp.sum(jnp.asarray(dy), axis=(0, *lay.spatial_axes))
+    lay, batched = layout_of(jnp.shape(dy), layout, op, arg="dy")
+    return jnp.sum(with_batch_axis(jnp.asarray(dy), batched), axis=(0, *lay.spatial_axes))
 
 
-def max_pool_grad(x, dy, window_shape, strides=None, padding="VALID", *, window_dilation=1, layout="NHWC"):
+def max_pool_grad(x, dy, window_shape, strides=None, padding="VALID", *, window_dilation=1, layout=None):
     """Gradient of ``max_pool(x, ...)`` (notes 002, max pooling: route it to the max id).
 
     Each output's gradient goes to its window's arg-max, the first maximum in scan (row-major)
     order on ties, as XLA does; padding never receives gradient, not even against a real
     ``-inf`` (:func:`window_argmax`, :func:`tap_scatter`).
 
-    x: ``(N, *spatial, C)`` (NHWC) or ``(N, C, *spatial)``; dy: ``(N, *out, C)`` with
+    x: ``(N, *spatial, C)`` (channels-last) or ``(N, C, *spatial)``, or unbatched without ``N``
+    (spatial rank as in ``max_pool``); dy: ``(N, *out, C)`` with
     ``out = floor((n + lo + hi - d*(w-1) - 1) / s) + 1``. Returns: ``x``'s shape.
 
     >>> x = jnp.array([[[1.0], [3.0], [2.0], [2.0]]])
@@ -487,39 +494,42 @@ def max_pool_grad(x, dy, window_shape, strides=None, padding="VALID", *, window_
     [0.0, 10.0, 20.0, 0.0]
     """
     op = "max_pool_grad"
-    lay = layout_of(x, layout, op)
     require_float(x, op)
     require_float(dy, op, "dy")
-    w = pool_geometry(op, jnp.shape(x), lay, window_shape, strides, padding, window_dilation, False)
-    _check_output(op, "pool", dy, lay.shape(jnp.shape(x)[0], w.out, lay.channels(jnp.shape(x))))
+    lay, batched = layout_of(jnp.shape(x), layout, op, per_dim=("window_shape", window_shape))
+    if jnp.ndim(dy) != jnp.ndim(x):
+        raise ValueError(f"{op}: dy must have the rank of x ({jnp.ndim(x)}), got shape {jnp.shape(dy)}")
+    x, dy = with_batch_axis(jnp.asarray(x), batched), with_batch_axis(jnp.asarray(dy), batched)
+    w = pool_geometry(op, x.shape, lay, window_shape, strides, padding, window_dilation, False)
+    _check_output(op, "pool", dy, lay.shape(x.shape[0], w.out, lay.channels(x.shape)))
     dtype = jnp.result_type(x, dy)
-    _, tap = window_argmax(jnp.asarray(x, dtype), w)
-    return tap_scatter(jnp.asarray(dy, dtype), tap, w)
+    _, tap = window_argmax(x.astype(dtype), w)
+    return without_batch_axis(tap_scatter(dy.astype(dtype), tap, w), batched)
 
 
-def avg_pool_grad(
-    dy, input_shape, window_shape, strides=None, padding="VALID", *, count_include_pad=True, layout="NHWC"
-):
+def avg_pool_grad(dy, input_shape, window_shape, strides=None, padding="VALID", *, count_include_pad=True, layout=None):
     """Gradient of ``avg_pool(x, ...)`` (notes 002, mean pooling: split it evenly over the window).
 
     Each output's gradient is divided by its divisor and copied to every input of its window:
     the window size, or with ``count_include_pad=False`` the number of non-padding inputs in it
     (PyTorch's ``avg_pool`` semantics; :func:`window_sum_transpose`).
 
-    dy: ``(N, *out, C)`` (NHWC) or ``(N, C, *out)`` with ``out = floor((n + lo + hi - w) / s) + 1``;
-    input_shape: the forward input's shape. Returns: an array of ``input_shape``.
+    dy: ``(N, *out, C)`` (channels-last) or ``(N, C, *out)``, or unbatched without ``N`` (spatial
+    rank as in ``avg_pool``), with ``out = floor((n + lo + hi - w) / s) + 1``; input_shape: the
+    forward input's shape (batched like ``dy``). Returns: an array of ``input_shape``.
 
     >>> avg_pool_grad(jnp.array([[[4.0], [8.0]]]), (1, 4, 1), 2, layout="NWC")[0, :, 0].tolist()
     [2.0, 2.0, 4.0, 4.0]
     """
     op = "avg_pool_grad"
-    lay = layout_of(dy, layout, op, "dy")
     require_float(dy, op, "dy")
-    input_shape = _input_shape(op, input_shape, jnp.ndim(dy))
+    lay, batched = layout_of(jnp.shape(dy), layout, op, per_dim=("window_shape", window_shape), arg="dy")
+    input_shape = _input_shape(op, input_shape, dy, batched)
+    dy = with_batch_axis(jnp.asarray(dy), batched)
     w = pool_geometry(op, input_shape, lay, window_shape, strides, padding, 1, False)
     _check_output(op, "pool", dy, lay.shape(input_shape[0], w.out, lay.channels(input_shape)))
-    dy = jnp.asarray(dy)
-    return window_sum_transpose(dy / jnp.asarray(window_divisor(w, bool(count_include_pad)), dy.dtype), w)
+    dx = window_sum_transpose(dy / jnp.asarray(window_divisor(w, bool(count_include_pad)), dy.dtype), w)
+    return without_batch_axis(dx, batched)
 
 
 # ---------------------------------------------------------------------------------------------

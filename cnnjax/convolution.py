@@ -1,9 +1,12 @@
 """Convolutions: conv, its adjoint, and the notes' variants.
 
-Every op takes batched inputs, ``layout="NHWC"`` (kernels HWIO, Flax's) or ``"NCHW"`` (kernels
-OIHW, PyTorch's), for 1 to 3 spatial dims. Arguments are canonicalized once at the top of each
-public function (``cnnjax._canon``), where every check happens; all output-size arithmetic is
-``cnnjax.shapes``'s. Past the checks, ``conv`` and ``conv_transpose`` each run one jitted core
+Every op takes channels-last inputs (``layout=None``, or ``"NWC"``/``"NHWC"``/``"NDHWC"``;
+kernels HWIO, Flax's) or channels-first ones (``"NCW"``/``"NCHW"``/``"NCDHW"``; kernels OIHW,
+PyTorch's), for 1 to 3 spatial dims: the kernel's rank minus 2. Inputs are batched,
+``(N, *spatial, C)``, or unbatched, ``(*spatial, C)``, whose results have no batch axis
+(:func:`cnnjax._canon.layout_of`, the rank rule). Arguments are canonicalized once at the top of
+each public function (``cnnjax._canon``), where every check happens; all output-size arithmetic
+is ``cnnjax.shapes``'s. Past the checks, ``conv`` and ``conv_transpose`` each run one jitted core
 (so an eager call compiles once, not op by op): with ``impl="lax"`` one
 ``lax.conv_general_dilated`` and JAX's autodiff, otherwise one cnnjax primitive whose
 derivatives are the notes' closed forms (:mod:`cnnjax.backprop`, :mod:`cnnjax._primitives`).
@@ -34,6 +37,8 @@ from cnnjax._canon import (
     layout_of,
     padding_pairs,
     per_dim,
+    with_batch_axis,
+    without_batch_axis,
 )
 from cnnjax.shapes import check_positive, conv_output_size, conv_transpose_output_size
 
@@ -64,22 +69,38 @@ def _operands(x, kernel):
     return x.astype(dtype), kernel.astype(dtype)
 
 
-def _check_kernel_rank(op: str, x, kernel, layout: Layout) -> None:
-    if kernel.ndim != x.ndim:
+def _input(op: str, x, kernel, layout):
+    """The rank rule (:func:`cnnjax._canon.layout_of`) for an input and the kernel that fixes its
+    spatial rank: ``(x with a batch axis, Layout, batched)``."""
+    layout, batched = layout_of(x.shape, layout, op, kernel_shape=kernel.shape)
+    return with_batch_axis(x, batched), layout, batched
+
+
+def _check_kernel_rank(op: str, name: str, kernel, layout: Layout) -> None:
+    """A second kernel (pointwise, row/column) must have the rank of the first."""
+    if kernel.ndim != layout.spatial_rank + 2:
         raise ValueError(
-            f"{op}: kernel must have rank {x.ndim} ({kernel_doc(layout)}) to match x of shape {x.shape}, "
-            f"got kernel shape {kernel.shape}"
+            f"{op}: {name} must have rank {layout.spatial_rank + 2} ({kernel_doc(layout)}), got shape {kernel.shape}"
         )
 
 
-def _canonical_bias(op: str, bias, c_out: int):
-    """``None`` or a ``(C_out,)`` array; any other shape is an error (no silent broadcast)."""
+def _canonical_bias(op: str, bias, c_out: int, dtype):
+    """``None`` or a ``(C_out,)`` array of the conv's ``dtype``; any other shape is an error (no
+    silent broadcast). PyTorch requires the input's dtype; here a bias is cast to it when the cast
+    stays within its kind (NumPy's ``same_kind``: ints to floats, float64 to float32), so the
+    result always has the dtype of ``x`` and ``kernel``; a float bias on an integer conv or a
+    complex one on a real conv raises ``TypeError``."""
     if bias is None:
         return None
     bias = jnp.asarray(bias)
     if bias.shape != (c_out,):
         raise ValueError(f"{op}: bias must have shape (C_out,) = ({c_out},), got shape {bias.shape}")
-    return bias
+    if not np.can_cast(bias.dtype, dtype, casting="same_kind"):
+        raise TypeError(
+            f"{op}: bias of dtype {np.dtype(bias.dtype).name} cannot be added to a conv of dtype "
+            f"{np.dtype(dtype).name} (x and kernel) without changing its kind; cast it first"
+        )
+    return bias.astype(dtype)
 
 
 def _add_bias(y, bias, layout: Layout):
@@ -127,17 +148,20 @@ def conv(
     input_dilation=1,
     feature_group_count=1,
     padding_mode="zeros",
-    layout="NHWC",
+    layout=None,
     precision=None,
     impl="auto",
 ):
     """N-D cross-correlation (a conv layer's forward pass), 1 to 3 spatial dims.
 
     Args:
-      x: ``(N, *spatial, C_in)`` (``NHWC``) or ``(N, C_in, *spatial)`` (``NCHW``).
+      x: ``(N, *spatial, C_in)`` (channels-last) or ``(N, C_in, *spatial)`` (channels-first), or
+        the same without ``N`` (unbatched: the result has no batch axis either).
       kernel: ``(*window, C_in // G, C_out)`` (HWIO) or ``(C_out, C_in // G, *window)`` (OIHW),
-        ``G = feature_group_count``; ``C_in`` and ``C_out`` must be multiples of ``G``.
-      bias: ``None`` or ``(C_out,)``, added to every output position.
+        ``G = feature_group_count``; ``C_in`` and ``C_out`` must be multiples of ``G``. Its rank
+        minus 2 is the number of spatial dims.
+      bias: ``None`` or ``(C_out,)``, added to every output position; cast to the dtype of ``x``
+        and ``kernel`` (``TypeError`` if that changes its kind, e.g. complex to real).
       strides, kernel_dilation, input_dilation: int or one int per spatial dim, each >= 1.
         ``input_dilation=s`` inserts ``s - 1`` zeros between input pixels (notes 002's
         transposed-conv view).
@@ -149,7 +173,9 @@ def conv(
         ``x`` explicitly (``jnp.pad``) and then run a VALID conv, like PyTorch (with
         PyTorch's limits: reflect pads < size, circular pads <= size; not combinable with
         ``input_dilation > 1``).
-      layout: ``"NHWC"`` or ``"NCHW"`` (or the 1-D/3-D aliases ``"NWC"``, ``"NCDHW"``, ...).
+      layout: ``None`` (channels-last, the default) or a name: ``"NWC"``, ``"NHWC"``, ``"NDHWC"``
+        (channels-last), ``"NCW"``, ``"NCHW"``, ``"NCDHW"`` (channels-first), whose spatial rank
+        must be the kernel's.
       precision: passed to ``lax.conv_general_dilated``.
       impl: ``"auto"`` (default), ``"closed_form"`` or ``"lax"``: how it is computed and
         differentiated (:mod:`cnnjax.backprop`); values agree whatever it is.
@@ -157,7 +183,7 @@ def conv(
     Integer operands compute in their (common) dtype, as lax does.
 
     Returns:
-      ``(N, *out, C_out)`` or ``(N, C_out, *out)``, per dim
+      ``(N, *out, C_out)`` or ``(N, C_out, *out)`` (without ``N`` for an unbatched ``x``), per dim
       ``out = floor((n' + lo + hi - d*(k-1) - 1) / s) + 1`` (notes 002) with
       ``n' = (n-1)*input_dilation + 1``.
 
@@ -165,10 +191,12 @@ def conv(
     >>> conv(x, jnp.array([[[[0.0, 1.0], [2.0, 3.0]]]]), jnp.array([1.0]), layout="NCHW")[0, 0]
     Array([[20., 26.],
            [38., 44.]], dtype=float32)
+    >>> conv(jnp.ones((5, 5, 1)), jnp.ones((3, 3, 1, 2))).shape  # unbatched (H, W, C)
+    (3, 3, 2)
     """
     op = "conv"
     x, kernel = _operands(x, kernel)
-    layout = layout_of(x, layout, op)
+    x, layout, batched = _input(op, x, kernel, layout)
     impl = check_impl(impl, op)
     rank = layout.spatial_rank
     input_dilation = canonicalize_tuple(input_dilation, rank, "input_dilation", op)
@@ -182,14 +210,14 @@ def conv(
     geometry = conv_geometry(
         op, dilated_shape, kernel.shape, layout, strides, padding, kernel_dilation, feature_group_count
     )
-    bias = _canonical_bias(op, bias, kernel.shape[layout.kernel_out_axis])
+    bias = _canonical_bias(op, bias, kernel.shape[layout.kernel_out_axis], x.dtype)
     if padding_mode != "zeros":
         if input_dilation != (1,) * rank:
             raise NotImplementedError(
                 f"{op}: padding_mode={padding_mode!r} with input_dilation={input_dilation} is not supported"
             )
         _check_padding_limits(op, geometry.input_spatial, geometry.padding, padding_mode)
-    return _conv_core(
+    y = _conv_core(
         x,
         kernel,
         bias,
@@ -199,6 +227,7 @@ def conv(
         precision=precision,
         impl=impl,
     )
+    return without_batch_axis(y, batched)
 
 
 @functools.partial(jax.jit, static_argnames=("geometry", "input_dilation", "padding_mode", "precision", "impl"))
@@ -240,7 +269,6 @@ def _transpose_kernel_doc(layout: Layout) -> str:
 
 def _conv_transpose_channels(op: str, x, kernel, layout: Layout, groups: int) -> int:
     """Check the forward conv's kernel against ``x`` (its forward output); return ``C_out``."""
-    _check_kernel_rank(op, x, kernel, layout)
     c_in = layout.channels(x.shape)
     k_forward_out = kernel.shape[layout.kernel_out_axis]
     if c_in % groups:
@@ -263,7 +291,7 @@ def conv_transpose(
     output_padding=0,
     kernel_dilation=1,
     feature_group_count=1,
-    layout="NHWC",
+    layout=None,
     precision=None,
     impl="auto",
 ):
@@ -277,11 +305,12 @@ def conv_transpose(
     Visin 2016, arXiv:1603.07285, section 4).
 
     Args:
-      x: ``(N, *spatial, C_in)`` (``NHWC``) or ``(N, C_in, *spatial)`` (``NCHW``).
-      kernel: the forward conv's kernel, ``(*window, C_out // G, C_in)`` (HWIO) in ``NHWC``, or
-        PyTorch's ConvTranspose weight ``(C_in, C_out // G, *window)`` in ``NCHW``;
-        ``G = feature_group_count`` must divide ``C_in``.
-      bias: ``None`` or ``(C_out,)``.
+      x: ``(N, *spatial, C_in)`` (channels-last) or ``(N, C_in, *spatial)`` (channels-first), or
+        unbatched, without ``N``.
+      kernel: the forward conv's kernel, ``(*window, C_out // G, C_in)`` (HWIO) channels-last, or
+        PyTorch's ConvTranspose weight ``(C_in, C_out // G, *window)`` channels-first;
+        ``G = feature_group_count`` must divide ``C_in``. Its rank minus 2 is the spatial rank.
+      bias: ``None`` or ``(C_out,)``, cast as in ``conv``.
       strides, kernel_dilation: int or one int per spatial dim, each >= 1.
       padding: the forward conv's padding: an int, one int per dim, ``(lo, hi)`` pairs,
         ``"VALID"``, ``"FULL"``, or ``"SAME"``/``"SAME_LOWER"`` (resolved on a forward input of
@@ -295,7 +324,7 @@ def conv_transpose(
         input-dilated conv above and JAX's autodiff.
 
     Returns:
-      ``(N, *out, C_out)`` or ``(N, C_out, *out)``, per dim
+      ``(N, *out, C_out)`` or ``(N, C_out, *out)`` (without ``N`` for an unbatched ``x``), per dim
       ``out = (n-1)*s - lo - hi + d*(k-1) + 1 + output_padding`` (``n*s + output_padding`` for SAME).
       In ``NCHW`` this equals ``torch.nn.functional.conv_transpose{1,2,3}d(x, w, b, stride,
       padding, output_padding, groups, dilation)``.
@@ -306,10 +335,10 @@ def conv_transpose(
     """
     op = "conv_transpose"
     x, kernel = _operands(x, kernel)
-    layout = layout_of(x, layout, op)
+    x, layout, batched = _input(op, x, kernel, layout)
     groups = check_positive(feature_group_count, "feature_group_count", op)
     c_out = _conv_transpose_channels(op, x, kernel, layout, groups)
-    bias = _canonical_bias(op, bias, c_out)
+    bias = _canonical_bias(op, bias, c_out, x.dtype)
     rank = layout.spatial_rank
     strides = canonicalize_tuple(strides, rank, "strides", op)
     kernel_dilation = canonicalize_tuple(kernel_dilation, rank, "kernel_dilation", op)
@@ -332,7 +361,8 @@ def conv_transpose(
         for n, k, s, d, (lo, _), m in zip(sizes, window, strides, kernel_dilation, pairs, out_sizes, strict=True)
     )
     geometry = ConvGeometry(layout, out_sizes, window, strides, forward_pairs, kernel_dilation, groups)
-    return _conv_transpose_core(x, kernel, bias, geometry=geometry, precision=precision, impl=impl)
+    y = _conv_transpose_core(x, kernel, bias, geometry=geometry, precision=precision, impl=impl)
+    return without_batch_axis(y, batched)
 
 
 @functools.partial(jax.jit, static_argnames=("geometry", "precision", "impl"))
@@ -419,7 +449,6 @@ def convolve2d(x, k, mode="valid", *, impl="auto"):
 
 
 def _check_depthwise_kernel(op: str, name: str, x, kernel, layout: Layout) -> None:
-    _check_kernel_rank(op, x, kernel, layout)
     c_in = layout.channels(x.shape)
     if kernel.shape[layout.kernel_in_axis] != 1 or kernel.shape[layout.kernel_out_axis] % c_in:
         shape_doc = "(*window, 1, C_in * multiplier)" if layout.channels_last else "(C_in * multiplier, 1, *window)"
@@ -437,7 +466,7 @@ def depthwise_conv(
     padding="VALID",
     kernel_dilation=1,
     padding_mode="zeros",
-    layout="NHWC",
+    layout=None,
     precision=None,
     impl="auto",
 ):
@@ -447,14 +476,15 @@ def depthwise_conv(
     input channel ``c`` (PyTorch's ``Conv2d(groups=C_in)`` and Flax's ordering).
 
     Args:
-      x: ``(N, *spatial, C_in)`` or ``(N, C_in, *spatial)``.
-      kernel: ``(*window, 1, C_in * multiplier)`` (``NHWC``) or ``(C_in * multiplier, 1, *window)``
-        (``NCHW``).
+      x: ``(N, *spatial, C_in)`` or ``(N, C_in, *spatial)``, or unbatched, without ``N``.
+      kernel: ``(*window, 1, C_in * multiplier)`` (channels-last) or
+        ``(C_in * multiplier, 1, *window)`` (channels-first).
       bias: ``None`` or ``(C_in * multiplier,)``.
       strides, padding, kernel_dilation, padding_mode, layout, precision, impl: as in ``conv``.
 
     Returns:
-      ``(N, *out, C_in * multiplier)`` (or channels first), ``out`` as in ``conv``.
+      ``(N, *out, C_in * multiplier)`` (or channels first; without ``N`` for an unbatched ``x``),
+      ``out`` as in ``conv``.
 
     >>> x = jnp.stack([jnp.ones((1, 3)), 2 * jnp.ones((1, 3))], axis=-1)[None]
     >>> depthwise_conv(x, jnp.ones((1, 2, 1, 2)))[0, 0]
@@ -463,9 +493,9 @@ def depthwise_conv(
     """
     op = "depthwise_conv"
     x, kernel = _operands(x, kernel)
-    layout = layout_of(x, layout, op)
+    x, layout, batched = _input(op, x, kernel, layout)
     _check_depthwise_kernel(op, "kernel", x, kernel, layout)
-    return conv(
+    y = conv(
         x,
         kernel,
         bias,
@@ -478,6 +508,7 @@ def depthwise_conv(
         precision=precision,
         impl=impl,
     )
+    return without_batch_axis(y, batched)
 
 
 def separable_conv(
@@ -490,7 +521,7 @@ def separable_conv(
     padding="VALID",
     kernel_dilation=1,
     padding_mode="zeros",
-    layout="NHWC",
+    layout=None,
     precision=None,
     impl="auto",
 ):
@@ -500,13 +531,15 @@ def separable_conv(
     once, after the pointwise step.
 
     Args:
-      x: ``(N, *spatial, C_in)`` or ``(N, C_in, *spatial)``.
-      depthwise_kernel: as ``depthwise_conv``'s kernel, ``C_mid = C_in * multiplier`` outputs.
-      pointwise_kernel: ``(1, .., 1, C_mid, C_out)`` (``NHWC``) or ``(C_out, C_mid, 1, .., 1)``.
+      x: ``(N, *spatial, C_in)`` or ``(N, C_in, *spatial)``, or unbatched, without ``N``.
+      depthwise_kernel: as ``depthwise_conv``'s kernel, ``C_mid = C_in * multiplier`` outputs;
+        it fixes the spatial rank.
+      pointwise_kernel: ``(1, .., 1, C_mid, C_out)`` (channels-last) or ``(C_out, C_mid, 1, .., 1)``.
       bias: ``None`` or ``(C_out,)``.
 
     Returns:
-      ``(N, *out, C_out)`` (or channels first), ``out`` as in ``conv``.
+      ``(N, *out, C_out)`` (or channels first; without ``N`` for an unbatched ``x``), ``out`` as in
+      ``conv``.
 
     >>> x = jnp.ones((1, 3, 3, 2))
     >>> separable_conv(x, jnp.ones((2, 2, 1, 2)), jnp.ones((1, 1, 2, 1)), jnp.array([0.5]))[0, :, :, 0]
@@ -516,9 +549,9 @@ def separable_conv(
     op = "separable_conv"
     x, depthwise_kernel = _operands(x, depthwise_kernel)
     pointwise_kernel = jnp.asarray(pointwise_kernel)
-    layout = layout_of(x, layout, op)
+    x, layout, batched = _input(op, x, depthwise_kernel, layout)
     _check_depthwise_kernel(op, "depthwise_kernel", x, depthwise_kernel, layout)
-    _check_kernel_rank(op, x, pointwise_kernel, layout)
+    _check_kernel_rank(op, "pointwise_kernel", pointwise_kernel, layout)
     c_mid = depthwise_kernel.shape[layout.kernel_out_axis]
     if any(k != 1 for k in _window(pointwise_kernel, layout)) or (
         pointwise_kernel.shape[layout.kernel_in_axis] != c_mid
@@ -538,7 +571,8 @@ def separable_conv(
         precision=precision,
         impl=impl,
     )
-    return conv(y, pointwise_kernel, bias, layout=layout.lhs, precision=precision, impl=impl)
+    y = conv(y, pointwise_kernel, bias, layout=layout.lhs, precision=precision, impl=impl)
+    return without_batch_axis(y, batched)
 
 
 def _only_along(axis: int, values: tuple, neutral) -> tuple:
@@ -556,7 +590,7 @@ def spatially_separable_conv(
     padding="VALID",
     kernel_dilation=1,
     feature_group_count=1,
-    layout="NHWC",
+    layout=None,
     precision=None,
     impl="auto",
 ):
@@ -569,16 +603,16 @@ def spatially_separable_conv(
     bias is added once, at the end.
 
     Args:
-      x: ``(N, H, W, C_in)`` or ``(N, C_in, H, W)``.
-      column_kernel: ``(kh, 1, C_in // G, C_mid)`` (``NHWC``) or ``(C_mid, C_in // G, kh, 1)``.
-      row_kernel: ``(1, kw, C_mid // G, C_out)`` (``NHWC``) or ``(C_out, C_mid // G, 1, kw)``.
+      x: ``(N, H, W, C_in)`` or ``(N, C_in, H, W)``, or unbatched, without ``N``.
+      column_kernel: ``(kh, 1, C_in // G, C_mid)`` (channels-last) or ``(C_mid, C_in // G, kh, 1)``.
+      row_kernel: ``(1, kw, C_mid // G, C_out)`` (channels-last) or ``(C_out, C_mid // G, 1, kw)``.
       bias: ``None`` or ``(C_out,)``.
       strides, padding, kernel_dilation, feature_group_count, layout, precision, impl: as in ``conv``
         (2-D only).
 
     Returns:
-      ``(N, H_out, W_out, C_out)`` (or channels first), the sizes of ``conv`` with a
-      ``kh x kw`` kernel.
+      ``(N, H_out, W_out, C_out)`` (or channels first; without ``N`` for an unbatched ``x``), the
+      sizes of ``conv`` with a ``kh x kw`` kernel.
 
     >>> x = jnp.arange(9.0).reshape(1, 3, 3, 1)
     >>> column, row = jnp.array([1.0, 2.0, 1.0]), jnp.array([1.0, 0.0, -1.0])
@@ -588,11 +622,11 @@ def spatially_separable_conv(
     op = "spatially_separable_conv"
     x, column_kernel = _operands(x, column_kernel)
     row_kernel = jnp.asarray(row_kernel)
-    layout = layout_of(x, layout, op)
-    if layout.spatial_rank != 2:
-        raise ValueError(f"{op}: x must have 2 spatial dims, got shape {x.shape} (layout {layout.lhs})")
+    if column_kernel.ndim != 4:
+        raise ValueError(f"{op}: column_kernel must have rank 4 (a 2-D kernel), got shape {column_kernel.shape}")
+    x, layout, batched = _input(op, x, column_kernel, layout)
     for name, kernel, ones_axis in (("column_kernel", column_kernel, 1), ("row_kernel", row_kernel, 0)):
-        _check_kernel_rank(op, x, kernel, layout)
+        _check_kernel_rank(op, name, kernel, layout)
         if _window(kernel, layout)[ones_axis] != 1:
             shape = "(kh, 1)" if ones_axis == 1 else "(1, kw)"
             raise ValueError(f"{op}: {name} must have a {shape} window, got shape {kernel.shape}")
@@ -609,7 +643,7 @@ def spatially_separable_conv(
         for axis in (0, 1)
     )
     y = conv(x, column_kernel, **column_step, **common)
-    return conv(y, row_kernel, bias, **row_step, **common)
+    return without_batch_axis(conv(y, row_kernel, bias, **row_step, **common), batched)
 
 
 def rank1_factors(kernel_2d, *, rtol=1e-5):

@@ -13,6 +13,7 @@ from cnnjax.convolution import (
 from cnnjax.pooling import (
     adaptive_avg_pool,
     adaptive_max_pool,
+    adaptive_max_pool_with_indices,
     avg_pool,
     global_avg_pool,
     global_max_pool,
@@ -28,6 +29,7 @@ from cnnjax.pooling import (
 __all__ = [
     "adaptive_avg_pool",
     "adaptive_max_pool",
+    "adaptive_max_pool_with_indices",
     "avg_pool",
     "conv",
     "conv_transpose",

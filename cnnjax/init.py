@@ -2,8 +2,9 @@
 
 Initializers are factories, as in ``flax.nnx.initializers``: ``xavier_uniform_conv()`` returns
 ``init(key, shape, dtype=jnp.float32)``, ready for ``kernel_init=``. Fans are read from the
-kernel shape: ``(*window, fan_in_channels, fan_out_channels)`` for ``layout="NHWC"`` (HWIO, the
-kernels of :class:`cnnjax.nn.Conv`) or ``(out, in, *window)`` for ``layout="NCHW"`` (OIHW), so
+kernel shape: ``(*window, fan_in_channels, fan_out_channels)`` for channels-last layouts
+(``layout=None``, the default, or ``"NWC"``/``"NHWC"``/``"NDHWC"``: HWIO, the kernels of
+:class:`cnnjax.nn.Conv`) or ``(out, in, *window)`` for ``"NCW"``/``"NCHW"``/``"NCDHW"`` (OIHW), so
 ``fan_in = prod(window) * in`` and ``fan_out = prod(window) * out``, as Flax and PyTorch count
 them (for a grouped kernel ``in`` is already ``C_in // groups``).
 """
@@ -23,22 +24,23 @@ __all__ = ["conv_fans", "from_torch_conv", "he_normal_conv", "to_torch_conv", "x
 _FAN_MODES = ("fan_in", "fan_out")
 
 
-def conv_fans(shape, layout: str = "NHWC") -> tuple[int, int]:
+def conv_fans(shape, layout: str | None = None) -> tuple[int, int]:
     """``(fan_in, fan_out) = (prod(window) * in, prod(window) * out)`` of a conv kernel shape.
 
-    ``shape``: ``(*window, in, out)`` (``"NHWC"``) or ``(out, in, *window)`` (``"NCHW"``), with 1
-    to 3 window dims.
+    ``shape``: ``(*window, in, out)`` (channels-last: ``None``, ``"NHWC"``, ...) or
+    ``(out, in, *window)`` (``"NCHW"``, ...), with 1 to 3 window dims; a layout name must name
+    the kernel's spatial rank (``"NWC"`` for a 1-D kernel), as in the conv ops.
 
     >>> conv_fans((3, 3, 16, 32)), conv_fans((32, 16, 3, 3), layout="NCHW")
     ((144, 288), (144, 288))
     """
     shape = tuple(shape)
-    kernel_layout = layout_of(jax.ShapeDtypeStruct(shape, jnp.float32), layout, "conv_fans", arg="kernel shape")
+    kernel_layout, _ = layout_of(shape, layout, "conv_fans", kernel_shape=shape, kernel_arg="kernel shape")
     window = math.prod(shape[a] for a in kernel_layout.kernel_spatial_axes)
     return window * shape[kernel_layout.kernel_in_axis], window * shape[kernel_layout.kernel_out_axis]
 
 
-def xavier_uniform_conv(layout: str = "NHWC"):
+def xavier_uniform_conv(layout: str | None = None):
     """Xavier/Glorot uniform init for conv kernels, as notes 000 states it.
 
     ``W ~ U(-b, b)`` with ``b = sqrt(6 / (k_h*k_w*(C_in + C_out)))`` (notes 000, "Xavier
@@ -60,7 +62,7 @@ def xavier_uniform_conv(layout: str = "NHWC"):
     return init
 
 
-def he_normal_conv(mode: str = "fan_in", layout: str = "NHWC"):
+def he_normal_conv(mode: str = "fan_in", layout: str | None = None):
     """He/Kaiming normal init for conv kernels followed by ReLU: ``W ~ N(0, 2 / fan)``.
 
     ``fan = prod(window) * C_in`` (``mode="fan_in"``, He et al. 2015, arXiv:1502.01852, eq. 10)

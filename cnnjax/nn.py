@@ -2,8 +2,14 @@
 
 Every module is thin: ``__init__`` creates parameters, ``__call__`` calls one functional op from
 :mod:`cnnjax.convolution` or :mod:`cnnjax.pooling` and nothing else. Every layer takes ``impl``
-(:mod:`cnnjax.backprop`), which :func:`set_impl` sets on every layer of a model at once. Inputs are batched and
-channels-last, ``(N, *spatial, C)`` with 1 to 3 spatial dims; the functional op validates them.
+(:mod:`cnnjax.backprop`), which :func:`set_impl` sets on every layer of a model at once. Inputs are
+channels-last, ``(*batch, *spatial, C)`` with 1 to 3 spatial dims and, as ``flax.nnx.Conv`` takes
+them, any number of leading batch axes: none (unbatched), one, or several, folded into one for the
+functional op (:func:`_over_batch_axes`) and unfolded in the result. The number of spatial dims is
+fixed by ``kernel_size`` (conv layers), by a ``window_shape``/``output_size`` sequence (pools);
+where no argument fixes it (an int ``window_shape`` or ``output_size``, the global and pyramid
+pools) every axis but the first and the last is spatial: exactly one batch axis, as in the
+functional ops. The functional op validates the rest.
 
 ``Conv`` takes the arguments ``flax.nnx.Conv`` takes for the options they share, with the same
 meaning and defaults (kernel ``(*kernel_size, in_features // feature_group_count, out_features)``,
@@ -11,19 +17,19 @@ LeCun-normal kernel, zero bias, ``padding="SAME"``), so one can replace the othe
 same parameters, both give the same output. As in Flax, an int ``kernel_size`` means a 1-D kernel
 ``(k,)``: write ``(3, 3)`` for a 2-D one. Differences: ``padding`` also takes PyTorch-style ints
 and ``"SAME_LOWER"``/``"FULL"``; boundary handling is ``padding_mode`` (``"reflect"``,
-``"replicate"``, ``"circular"``) rather than Flax's ``"CIRCULAR"``/``"REFLECT"`` padding strings;
-inputs must have exactly one batch dim.
+``"replicate"``, ``"circular"``) rather than Flax's ``"CIRCULAR"``/``"REFLECT"`` padding strings.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn.dtypes import promote_dtype
 
-from cnnjax._canon import check_impl
+from cnnjax._canon import canonicalize_padding, canonicalize_tuple, check_impl
 from cnnjax.convolution import conv, conv_transpose, depthwise_conv, separable_conv
 from cnnjax.pooling import (
     adaptive_avg_pool,
@@ -55,6 +61,59 @@ __all__ = [
 
 default_kernel_init = nnx.initializers.lecun_normal()
 default_bias_init = nnx.initializers.zeros_init()
+
+
+def _over_batch_axes(x, rank: int | None, call: Callable):
+    """``call(x)`` with the leading batch axes of ``x``, ``(*batch, *spatial, C)`` with ``rank``
+    spatial dims, folded into one and unfolded in the result, as ``flax.nnx.Conv`` does. An input
+    with at most one batch axis, or any input when ``rank`` is ``None`` (no argument fixes it),
+    goes to ``call`` as it is: the functional ops take unbatched inputs themselves."""
+    if rank is None or jnp.ndim(x) <= rank + 2:
+        return call(x)
+    batch = jnp.shape(x)[: jnp.ndim(x) - rank - 1]
+    y = call(jnp.reshape(x, (math.prod(batch), *jnp.shape(x)[len(batch) :])))
+    return y.reshape(*batch, *y.shape[1:])
+
+
+def _apply(layer, rank: int | None, op: Callable, x, *args, **kwargs):
+    """``op(x, *args, **kwargs, impl=layer.impl)`` over the leading batch axes of ``x`` (:func:`_over_batch_axes`)."""
+    return _over_batch_axes(x, rank, lambda x: op(x, *args, impl=layer.impl, **kwargs))
+
+
+def _conv_geometry(op: str, rank: int, strides, padding, **dilations) -> tuple:
+    """A conv layer's geometry canonicalized once, at construction (``cnnjax._canon``): ``strides``
+    and each of ``dilations`` (by name) a tuple of ``rank`` ints >= 1, ``padding`` a string or
+    ``rank`` ``(lo, hi)`` pairs."""
+    return (
+        canonicalize_tuple(strides, rank, "strides", op),
+        canonicalize_padding(padding, rank, op),
+        *(canonicalize_tuple(value, rank, name, op) for name, value in dilations.items()),
+    )
+
+
+def _pool_geometry(op: str, window_shape, strides, padding, window_dilation=1) -> tuple:
+    """A pool layer's ``(window_shape, strides, padding, window_dilation)`` canonicalized once, at
+    construction, when a ``window_shape`` sequence fixes the spatial rank (``strides=None`` stays:
+    it means the window). An int ``window_shape`` leaves the rank to the input: the ints are
+    checked here and broadcast by the functional op."""
+    rank = _window_rank(window_shape)
+    if rank is None:
+        ints = [("window_shape", window_shape), ("strides", strides), ("window_dilation", window_dilation)]
+        for name, value in ints:
+            if value is not None and not isinstance(value, Sequence):
+                check_positive(value, name, op)
+        return window_shape, strides, padding, window_dilation
+    return (
+        canonicalize_tuple(window_shape, rank, "window_shape", op),
+        None if strides is None else canonicalize_tuple(strides, rank, "strides", op),
+        canonicalize_padding(padding, rank, op),
+        canonicalize_tuple(window_dilation, rank, "window_dilation", op),
+    )
+
+
+def _window_rank(value) -> int | None:
+    """The spatial rank a pool layer's ``window_shape``/``output_size`` fixes: its length if a sequence."""
+    return len(value) if isinstance(value, Sequence) and not isinstance(value, str) else None
 
 
 def _kernel_size(kernel_size, op: str) -> tuple[int, ...]:
@@ -93,8 +152,10 @@ def _params(module, x, *params):
 class Conv(nnx.Module):
     """Convolution (cross-correlation), a drop-in for ``flax.nnx.Conv``, calling :func:`cnnjax.convolution.conv`.
 
-    ``x: (N, *spatial, in_features)`` -> ``(N, *out, out_features)`` with, per spatial dim,
-    ``out = floor((n + lo + hi - d*(k-1) - 1) / s) + 1`` (``"SAME"``: ``ceil(n / s)``).
+    ``x: (*batch, *spatial, in_features)`` -> ``(*batch, *out, out_features)`` with, per spatial
+    dim, ``out = floor((n + lo + hi - d*(k-1) - 1) / s) + 1`` (``"SAME"``: ``ceil(n / s)``);
+    ``len(kernel_size)`` spatial dims and any number of leading batch axes, none included, as
+    ``flax.nnx.Conv``.
     Parameters: ``kernel`` ``(*kernel_size, in_features // feature_group_count, out_features)``
     (HWIO) and ``bias`` ``(out_features,)``. ``impl`` (``"auto"``,
     ``"closed_form"``, ``"lax"``) says how it is computed and differentiated (:mod:`cnnjax.backprop`).
@@ -102,6 +163,8 @@ class Conv(nnx.Module):
     >>> layer = Conv(3, 8, (3, 3), rngs=nnx.Rngs(0))
     >>> layer.kernel.shape, layer(jnp.ones((2, 16, 16, 3))).shape
     ((3, 3, 3, 8), (2, 16, 16, 8))
+    >>> layer(jnp.ones((16, 16, 3))).shape, layer(jnp.ones((4, 2, 16, 16, 3))).shape
+    ((16, 16, 8), (4, 2, 16, 16, 8))
     """
 
     def __init__(
@@ -132,14 +195,18 @@ class Conv(nnx.Module):
         kernel_shape = (*self.kernel_size, in_features // self.feature_group_count, out_features)
         self.kernel = nnx.Param(kernel_init(rngs.params(), kernel_shape, param_dtype))
         self.bias = _bias(use_bias, bias_init, rngs, out_features, param_dtype)
-        self.strides, self.padding, self.padding_mode = strides, padding, padding_mode
-        self.input_dilation, self.kernel_dilation = input_dilation, kernel_dilation
-        self.use_bias, self.dtype, self.param_dtype = use_bias, dtype, param_dtype
-        self.precision, self.impl = precision, impl
+        self.strides, self.padding, self.kernel_dilation, self.input_dilation = _conv_geometry(
+            op, len(self.kernel_size), strides, padding, kernel_dilation=kernel_dilation, input_dilation=input_dilation
+        )
+        self.padding_mode, self.use_bias, self.dtype, self.param_dtype = padding_mode, use_bias, dtype, param_dtype
+        self.precision, self.impl = precision, check_impl(impl, op)
 
     def __call__(self, x):
         x, kernel, bias = _params(self, x, self.kernel, self.bias)
-        return conv(
+        return _apply(
+            self,
+            len(self.kernel_size),
+            conv,
             x,
             kernel,
             bias,
@@ -150,15 +217,14 @@ class Conv(nnx.Module):
             feature_group_count=self.feature_group_count,
             padding_mode=self.padding_mode,
             precision=self.precision,
-            impl=self.impl,
         )
 
 
 class ConvTranspose(nnx.Module):
     """Transposed convolution, the adjoint of :class:`Conv`, calling :func:`cnnjax.convolution.conv_transpose`.
 
-    ``x: (N, *spatial, in_features)`` -> ``(N, *out, out_features)`` with, per spatial dim,
-    ``out = (n-1)*s - lo - hi + d*(k-1) + 1 + output_padding`` (``"SAME"``: ``n*s``;
+    ``x: (*batch, *spatial, in_features)`` -> ``(*batch, *out, out_features)`` (batch axes as
+    :class:`Conv`) with, per spatial dim, ``out = (n-1)*s - lo - hi + d*(k-1) + 1 + output_padding`` (``"SAME"``: ``n*s``;
     ``"VALID"``: ``(n-1)*s + d*(k-1) + 1``). It computes exactly PyTorch's ``ConvTranspose``:
     ``padding=p`` (an int) and ``output_padding`` mean what they mean there.
 
@@ -205,14 +271,20 @@ class ConvTranspose(nnx.Module):
         kernel_shape = (*self.kernel_size, out_features // self.feature_group_count, in_features)
         self.kernel = nnx.Param(kernel_init(rngs.params(), kernel_shape, param_dtype))
         self.bias = _bias(use_bias, bias_init, rngs, out_features, param_dtype)
-        self.strides, self.padding, self.output_padding = strides, padding, output_padding
-        self.kernel_dilation = kernel_dilation
+        rank = len(self.kernel_size)
+        self.strides, self.padding, self.kernel_dilation = _conv_geometry(
+            op, rank, strides, padding, kernel_dilation=kernel_dilation
+        )
+        self.output_padding = canonicalize_tuple(output_padding, rank, "output_padding", op, minimum=0)
         self.use_bias, self.dtype, self.param_dtype = use_bias, dtype, param_dtype
-        self.precision, self.impl = precision, impl
+        self.precision, self.impl = precision, check_impl(impl, op)
 
     def __call__(self, x):
         x, kernel, bias = _params(self, x, self.kernel, self.bias)
-        return conv_transpose(
+        return _apply(
+            self,
+            len(self.kernel_size),
+            conv_transpose,
             x,
             kernel,
             bias,
@@ -222,15 +294,14 @@ class ConvTranspose(nnx.Module):
             kernel_dilation=self.kernel_dilation,
             feature_group_count=self.feature_group_count,
             precision=self.precision,
-            impl=self.impl,
         )
 
 
 class DepthwiseConv(nnx.Module):
     """Depthwise convolution (one filter bank per channel), calling :func:`cnnjax.convolution.depthwise_conv`.
 
-    ``x: (N, *spatial, in_features)`` -> ``(N, *out, in_features * depth_multiplier)``, sizes as
-    :class:`Conv`. Parameters: ``kernel`` ``(*kernel_size, 1, in_features * depth_multiplier)``
+    ``x: (*batch, *spatial, in_features)`` -> ``(*batch, *out, in_features * depth_multiplier)``,
+    sizes and batch axes as :class:`Conv`. Parameters: ``kernel`` ``(*kernel_size, 1, in_features * depth_multiplier)``
     (output channel ``c*m + j`` reads input channel ``c``, as Keras and PyTorch's
     ``groups=in_channels``) and ``bias``.
 
@@ -266,13 +337,18 @@ class DepthwiseConv(nnx.Module):
         kernel_shape = (*self.kernel_size, 1, self.out_features)
         self.kernel = nnx.Param(kernel_init(rngs.params(), kernel_shape, param_dtype))
         self.bias = _bias(use_bias, bias_init, rngs, self.out_features, param_dtype)
-        self.strides, self.padding, self.kernel_dilation = strides, padding, kernel_dilation
+        self.strides, self.padding, self.kernel_dilation = _conv_geometry(
+            op, len(self.kernel_size), strides, padding, kernel_dilation=kernel_dilation
+        )
         self.padding_mode, self.use_bias, self.dtype = padding_mode, use_bias, dtype
-        self.param_dtype, self.precision, self.impl = param_dtype, precision, impl
+        self.param_dtype, self.precision, self.impl = param_dtype, precision, check_impl(impl, op)
 
     def __call__(self, x):
         x, kernel, bias = _params(self, x, self.kernel, self.bias)
-        return depthwise_conv(
+        return _apply(
+            self,
+            len(self.kernel_size),
+            depthwise_conv,
             x,
             kernel,
             bias,
@@ -281,14 +357,13 @@ class DepthwiseConv(nnx.Module):
             kernel_dilation=self.kernel_dilation,
             padding_mode=self.padding_mode,
             precision=self.precision,
-            impl=self.impl,
         )
 
 
 class SeparableConv(nnx.Module):
     """Depthwise-separable convolution (depthwise, then 1x1), calling :func:`cnnjax.convolution.separable_conv`.
 
-    ``x: (N, *spatial, in_features)`` -> ``(N, *out, out_features)``, sizes as :class:`Conv`
+    ``x: (*batch, *spatial, in_features)`` -> ``(*batch, *out, out_features)``, sizes and batch axes as :class:`Conv`
     (the stride and padding belong to the depthwise step). Parameters: ``depthwise_kernel``
     ``(*kernel_size, 1, in_features * depth_multiplier)``, ``pointwise_kernel``
     ``(1, ..., 1, in_features * depth_multiplier, out_features)`` and ``bias`` ``(out_features,)``
@@ -330,13 +405,18 @@ class SeparableConv(nnx.Module):
         self.depthwise_kernel = nnx.Param(depthwise_init(rngs.params(), (*self.kernel_size, 1, mid), param_dtype))
         self.pointwise_kernel = nnx.Param(pointwise_init(rngs.params(), (*ones, mid, out_features), param_dtype))
         self.bias = _bias(use_bias, bias_init, rngs, out_features, param_dtype)
-        self.strides, self.padding, self.kernel_dilation = strides, padding, kernel_dilation
+        self.strides, self.padding, self.kernel_dilation = _conv_geometry(
+            op, len(self.kernel_size), strides, padding, kernel_dilation=kernel_dilation
+        )
         self.padding_mode, self.use_bias, self.dtype = padding_mode, use_bias, dtype
-        self.param_dtype, self.precision, self.impl = param_dtype, precision, impl
+        self.param_dtype, self.precision, self.impl = param_dtype, precision, check_impl(impl, op)
 
     def __call__(self, x):
         x, depthwise, pointwise, bias = _params(self, x, self.depthwise_kernel, self.pointwise_kernel, self.bias)
-        return separable_conv(
+        return _apply(
+            self,
+            len(self.kernel_size),
+            separable_conv,
             x,
             depthwise,
             pointwise,
@@ -346,16 +426,19 @@ class SeparableConv(nnx.Module):
             kernel_dilation=self.kernel_dilation,
             padding_mode=self.padding_mode,
             precision=self.precision,
-            impl=self.impl,
         )
 
 
 class MaxPool(nnx.Module):
     """Max pooling, calling :func:`cnnjax.pooling.max_pool`; no parameters.
 
-    ``x: (N, *spatial, C)`` -> ``(N, *out, C)``, ``out`` by PyTorch's pooling rule
-    (:func:`cnnjax.shapes.pool_output_size`). ``strides=None`` means strides = window
-    (PyTorch's default; Flax's ``nnx.max_pool`` uses 1). Padding never wins the max.
+    ``x: (*batch, *spatial, C)`` -> ``(*batch, *out, C)``, ``out`` by PyTorch's pooling rule
+    (:func:`cnnjax.shapes.pool_output_size`). A ``window_shape`` sequence fixes the number of
+    spatial dims (its length), so ``x`` may have any number of leading batch axes, or none; an
+    int ``window_shape`` pools every spatial dim of an input with exactly one batch axis,
+    ``(N, *spatial, C)``, whose rank then says how many there are (as :func:`cnnjax.max_pool`
+    does). ``strides=None`` means strides = window (PyTorch's default; Flax's ``nnx.max_pool``
+    uses 1). Padding never wins the max.
 
     >>> MaxPool((2, 2))(jnp.arange(16.0).reshape(1, 4, 4, 1))[0, ..., 0]
     Array([[ 5.,  7.],
@@ -372,27 +455,32 @@ class MaxPool(nnx.Module):
         ceil_mode: bool = False,
         impl: str = "auto",
     ):
-        self.window_shape, self.strides, self.padding = window_shape, strides, padding
-        self.window_dilation, self.ceil_mode, self.impl = window_dilation, ceil_mode, impl
+        self.window_shape, self.strides, self.padding, self.window_dilation = _pool_geometry(
+            "MaxPool", window_shape, strides, padding, window_dilation
+        )
+        self.ceil_mode, self.impl = ceil_mode, check_impl(impl, "MaxPool")
 
     def __call__(self, x):
-        return max_pool(
+        return _apply(
+            self,
+            _window_rank(self.window_shape),
+            max_pool,
             x,
             self.window_shape,
             self.strides,
             self.padding,
             window_dilation=self.window_dilation,
             ceil_mode=self.ceil_mode,
-            impl=self.impl,
         )
 
 
 class AvgPool(nnx.Module):
     """Average pooling, calling :func:`cnnjax.pooling.avg_pool`; no parameters.
 
-    ``x: (N, *spatial, C)`` -> ``(N, *out, C)``, sizes as :class:`MaxPool`. Padding counts as
-    zeros in the mean when ``count_include_pad`` (PyTorch's default), and ``divisor_override``
-    replaces the divisor, both as in PyTorch.
+    ``x: (*batch, *spatial, C)`` -> ``(*batch, *out, C)``, sizes and ranks (an int or a sequence
+    ``window_shape``) as :class:`MaxPool`. Padding counts as zeros in the mean when
+    ``count_include_pad`` (PyTorch's default), and ``divisor_override`` replaces the divisor,
+    both as in PyTorch.
 
     >>> AvgPool(2)(jnp.arange(16.0).reshape(1, 4, 4, 1))[0, ..., 0]
     Array([[ 2.5,  4.5],
@@ -410,12 +498,15 @@ class AvgPool(nnx.Module):
         divisor_override: int | None = None,
         impl: str = "auto",
     ):
-        self.window_shape, self.strides, self.padding = window_shape, strides, padding
+        self.window_shape, self.strides, self.padding, _ = _pool_geometry("AvgPool", window_shape, strides, padding)
         self.ceil_mode, self.count_include_pad, self.divisor_override = ceil_mode, count_include_pad, divisor_override
-        self.impl = impl
+        self.impl = check_impl(impl, "AvgPool")
 
     def __call__(self, x):
-        return avg_pool(
+        return _apply(
+            self,
+            _window_rank(self.window_shape),
+            avg_pool,
             x,
             self.window_shape,
             self.strides,
@@ -423,15 +514,14 @@ class AvgPool(nnx.Module):
             ceil_mode=self.ceil_mode,
             count_include_pad=self.count_include_pad,
             divisor_override=self.divisor_override,
-            impl=self.impl,
         )
 
 
 class LPPool(nnx.Module):
     """Power-average (LP) pooling ``(sum x^p)^(1/p)`` over each window, calling :func:`cnnjax.pooling.lp_pool`.
 
-    ``x: (N, *spatial, C)`` -> ``(N, *out, C)``, sizes as :class:`MaxPool`; PyTorch's
-    ``LPPool2d(norm_type=p, ...)``.
+    ``x: (*batch, *spatial, C)`` -> ``(*batch, *out, C)``, sizes and ranks as :class:`MaxPool`;
+    PyTorch's ``LPPool2d(norm_type=p, ...)``.
 
     >>> LPPool(2, 2)(jnp.full((1, 4, 4, 1), 3.0))[0, ..., 0]
     Array([[6., 6.],
@@ -448,19 +538,22 @@ class LPPool(nnx.Module):
         ceil_mode: bool = False,
         impl: str = "auto",
     ):
-        self.p, self.window_shape, self.strides, self.padding = p, window_shape, strides, padding
-        self.ceil_mode, self.impl = ceil_mode, impl
+        self.p = p
+        self.window_shape, self.strides, self.padding, _ = _pool_geometry("LPPool", window_shape, strides, padding)
+        self.ceil_mode, self.impl = ceil_mode, check_impl(impl, "LPPool")
 
     def __call__(self, x):
-        return lp_pool(
-            x, self.p, self.window_shape, self.strides, self.padding, ceil_mode=self.ceil_mode, impl=self.impl
+        rank = _window_rank(self.window_shape)
+        return _apply(
+            self, rank, lp_pool, x, self.p, self.window_shape, self.strides, self.padding, ceil_mode=self.ceil_mode
         )
 
 
 class GlobalAvgPool(nnx.Module):
     """Mean over all spatial dims, calling :func:`cnnjax.pooling.global_avg_pool`.
 
-    ``x: (N, *spatial, C)`` -> ``(N, C)``, or ``(N, 1, ..., 1, C)`` with ``keepdims``.
+    ``x: (N, *spatial, C)`` (exactly one batch axis: nothing fixes the spatial rank) -> ``(N, C)``,
+    or ``(N, 1, ..., 1, C)`` with ``keepdims``.
 
     >>> GlobalAvgPool()(jnp.arange(8.0).reshape(1, 2, 2, 2))
     Array([[3., 4.]], dtype=float32)
@@ -476,7 +569,8 @@ class GlobalAvgPool(nnx.Module):
 class GlobalMaxPool(nnx.Module):
     """Max over all spatial dims, calling :func:`cnnjax.pooling.global_max_pool`.
 
-    ``x: (N, *spatial, C)`` -> ``(N, C)``, or ``(N, 1, ..., 1, C)`` with ``keepdims``.
+    ``x: (N, *spatial, C)`` (exactly one batch axis: nothing fixes the spatial rank) -> ``(N, C)``,
+    or ``(N, 1, ..., 1, C)`` with ``keepdims``.
 
     >>> GlobalMaxPool()(jnp.arange(8.0).reshape(1, 2, 2, 2))
     Array([[6., 7.]], dtype=float32)
@@ -492,40 +586,45 @@ class GlobalMaxPool(nnx.Module):
 class AdaptiveAvgPool(nnx.Module):
     """Average over PyTorch's adaptive bins, calling :func:`cnnjax.pooling.adaptive_avg_pool`.
 
-    ``x: (N, *spatial, C)`` -> ``(N, *output_size, C)``; bin ``i`` of a dim of length ``L``
-    covers ``[floor(i*L/o), ceil((i+1)*L/o))``.
+    ``x: (*batch, *spatial, C)`` -> ``(*batch, *output_size, C)``; bin ``i`` of a dim of length
+    ``L`` covers ``[floor(i*L/o), ceil((i+1)*L/o))``. An ``output_size`` sequence fixes the number
+    of spatial dims (any number of batch axes); an int needs exactly one batch axis, as
+    :class:`MaxPool`'s ``window_shape``.
 
     >>> AdaptiveAvgPool((1, 2))(jnp.arange(8.0).reshape(1, 2, 4, 1))[0, ..., 0]
     Array([[2.5, 4.5]], dtype=float32)
     """
 
     def __init__(self, output_size: int | Sequence[int], *, impl: str = "auto"):
-        self.output_size, self.impl = output_size, impl
+        self.output_size = tuple(output_size) if _window_rank(output_size) else output_size
+        self.impl = check_impl(impl, "AdaptiveAvgPool")
 
     def __call__(self, x):
-        return adaptive_avg_pool(x, self.output_size, impl=self.impl)
+        return _apply(self, _window_rank(self.output_size), adaptive_avg_pool, x, self.output_size)
 
 
 class AdaptiveMaxPool(nnx.Module):
     """Max over PyTorch's adaptive bins, calling :func:`cnnjax.pooling.adaptive_max_pool`.
 
-    ``x: (N, *spatial, C)`` -> ``(N, *output_size, C)``, bins as :class:`AdaptiveAvgPool`.
+    ``x: (*batch, *spatial, C)`` -> ``(*batch, *output_size, C)``, bins and ranks as
+    :class:`AdaptiveAvgPool`.
 
     >>> AdaptiveMaxPool((1, 2))(jnp.arange(8.0).reshape(1, 2, 4, 1))[0, ..., 0]
     Array([[5., 7.]], dtype=float32)
     """
 
     def __init__(self, output_size: int | Sequence[int], *, impl: str = "auto"):
-        self.output_size, self.impl = output_size, impl
+        self.output_size = tuple(output_size) if _window_rank(output_size) else output_size
+        self.impl = check_impl(impl, "AdaptiveMaxPool")
 
     def __call__(self, x):
-        return adaptive_max_pool(x, self.output_size, impl=self.impl)
+        return _apply(self, _window_rank(self.output_size), adaptive_max_pool, x, self.output_size)
 
 
 class SpatialPyramidPool(nnx.Module):
     """Spatial pyramid pooling, calling :func:`cnnjax.pooling.spatial_pyramid_pool`.
 
-    ``x: (N, *spatial, C)`` -> ``(N, C * sum(l**rank for l in levels))``: for each level an
+    ``x: (N, *spatial, C)`` (exactly one batch axis) -> ``(N, C * sum(l**rank for l in levels))``: for each level an
     adaptive ``mode`` (``"max"`` or ``"avg"``) pool to ``(l, ..., l)``, flattened in
     ``(l, ..., l, C)`` order, concatenated.
 

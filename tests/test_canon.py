@@ -10,42 +10,93 @@ from cnnjax import _canon
     "layout,ndim,expected",
     [
         ("NHWC", 4, ("NHWC", "HWIO")),
-        ("NHWC", 3, ("NWC", "WIO")),
-        ("NHWC", 5, ("NDHWC", "DHWIO")),
+        ("NWC", 3, ("NWC", "WIO")),
+        ("NDHWC", 5, ("NDHWC", "DHWIO")),
+        (None, 3, ("NWC", "WIO")),
+        (None, 5, ("NDHWC", "DHWIO")),
         ("NCHW", 4, ("NCHW", "OIHW")),
         ("NCW", 3, ("NCW", "OIW")),
         ("ncdhw", 5, ("NCDHW", "OIDHW")),
     ],
 )
 def test_layout_of(layout, ndim, expected):
-    lay = _canon.layout_of(jnp.zeros((1,) * ndim), layout, "op")
+    lay, batched = _canon.layout_of((1,) * ndim, layout, "op")
     assert (lay.lhs, lay.rhs) == expected
-    assert lay.spatial_rank == ndim - 2
+    assert lay.spatial_rank == ndim - 2 and batched
 
 
 def test_layout_axes_and_shapes():
-    lay = _canon.layout_of(jnp.zeros((2, 3, 5, 7)), "NCHW", "op")
+    lay, _ = _canon.layout_of((2, 3, 5, 7), "NCHW", "op")
     assert lay.channel_axis == 1 and lay.spatial_axes == (2, 3)
     assert lay.spatial((2, 3, 5, 7)) == (5, 7) and lay.channels((2, 3, 5, 7)) == 3
     assert lay.shape(2, (5, 7), 3) == (2, 3, 5, 7)
     assert lay.window((4, 6)) == (1, 1, 4, 6)
-    nhwc = _canon.layout_of(jnp.zeros((2, 5, 7, 3)), "NHWC", "op")
+    assert (lay.doc(), lay.doc(batched=False)) == ("(N, C, H, W)", "(C, H, W)")
+    nhwc, _ = _canon.layout_of((2, 5, 7, 3), "NHWC", "op")
     assert nhwc.window((4, 6), fill=0) == (0, 4, 6, 0)
     assert (nhwc.kernel_spatial_axes, nhwc.kernel_in_axis, nhwc.kernel_out_axis) == ((0, 1), 2, 3)
 
 
+# The rank rule: the kernel, then a window/output-size sequence, then a layout name, then the
+# input's rank minus 2; spatial + 2 is batched, spatial + 1 unbatched.
 @pytest.mark.parametrize(
-    "shape,layout,match",
+    "shape,layout,source,expected",
     [
-        ((2, 3), "NHWC", "rank 3 to 5"),
-        ((1, 2, 3, 4, 5, 6), "NCHW", "rank 3 to 5"),
-        ((1, 2, 3, 4), "NWC", "must have rank 3"),
-        ((1, 2, 3, 4), "HWCN", "layout='HWCN' is not one of"),
+        ((8, 8, 3), None, {"kernel_shape": (3, 3, 3, 4)}, ("NHWC", False)),
+        ((2, 8, 8, 3), None, {"kernel_shape": (3, 3, 3, 4)}, ("NHWC", True)),
+        ((3, 8), "NCW", {"kernel_shape": (4, 3, 3)}, ("NCW", False)),
+        ((1, 1, 4), None, {"per_dim": ("window_shape", (2, 2))}, ("NHWC", False)),
+        ((1, 1, 4), None, {"per_dim": ("window_shape", 2)}, ("NWC", True)),
+        ((1, 1, 4), "NCHW", {"per_dim": ("window_shape", 2)}, ("NCHW", False)),
+        ((2, 3, 4, 5, 6), "NCDHW", {"per_dim": ("output_size", (2, None, 1))}, ("NCDHW", True)),
+        ((3, 4, 5, 6), None, {}, ("NHWC", True)),
     ],
 )
-def test_layout_errors(shape, layout, match):
+def test_layout_of_rank_rule(shape, layout, source, expected):
+    lay, batched = _canon.layout_of(shape, layout, "op", **source)
+    assert (lay.lhs, batched) == expected
+
+
+@pytest.mark.parametrize(
+    "shape,layout,source,match",
+    [
+        ((8,), None, {"kernel_shape": (3, 3, 1, 2)}, r"conv: x must be \(N, H, W, C\) or \(H, W, C\) for a 2-D kernel"),
+        ((1, 2, 8, 8, 3), "NCHW", {}, r"x must be \(N, C, H, W\) or \(C, H, W\) for layout 'NCHW', got shape"),
+        ((1, 4, 4), None, {"per_dim": ("window_shape", (2, 2, 2))}, r"for window_shape=\(2, 2, 2\)"),
+        ((1, 4, 4), "NCW", {"kernel_shape": (1, 1, 2, 2)}, "layout='NCW' names 1 spatial dims, but kernel of shape"),
+        ((1, 4, 4), "NHWC", {"per_dim": ("window_shape", (2,))}, "layout='NHWC' names 2 spatial dims"),
+        ((1, 4, 4), None, {"kernel_shape": (2, 2)}, r"kernel must have rank 3 to 5"),
+        ((1, 4, 4), None, {"per_dim": ("output_size", ())}, "must have one entry per spatial dim, 1 to 3"),
+        ((2, 3), None, {}, "must be batched with 1 to 3 spatial dims"),
+        ((1, 2, 3, 4, 5, 6), None, {}, "must be batched with 1 to 3 spatial dims"),
+        ((1, 2, 3, 4), "HWCN", {}, "layout='HWCN' is not one of"),
+    ],
+)
+def test_layout_of_errors(shape, layout, source, match):
     with pytest.raises(ValueError, match=match):
-        _canon.layout_of(jnp.zeros(shape), layout, "conv")
+        _canon.layout_of(shape, layout, "conv", **source)
+
+
+def test_batch_axis_round_trip():
+    x = jnp.ones((3, 4))
+    assert _canon.with_batch_axis(x, False).shape == (1, 3, 4) and _canon.with_batch_axis(x, True) is x
+    pair = _canon.without_batch_axis((jnp.ones((1, 2)), jnp.zeros((1, 3))), False)
+    assert [a.shape for a in pair] == [(2,), (3,)]
+
+
+@pytest.mark.parametrize(
+    "n,w,s,d,lo,out,expected",
+    [
+        (5, 2, 50, 1, 4, 1, 0),  # PyTorch's avg_pool1d error sample: the only window is padding
+        (4, 2, 1, 1, 2, 7, 0),  # padding 2 on each side: the first and last windows are padding
+        (4, 2, 2, 1, 0, 3, 2),  # (0, 2) in floor mode: the last window lies in the right padding
+        (5, 3, 1, 2, 3, 3, None),  # taps -3, -1, 1: one is real (PyTorch still refuses pad 3 > 5/2)
+        (1, 2, 1, 4, 2, 2, 0),  # taps -2, 2 straddle the input without touching it
+        (8, 3, 2, 1, 1, 4, None),
+    ],
+)
+def test_first_empty_window(n, w, s, d, lo, out, expected):
+    assert _canon._first_empty_window(n, w, s, d, lo, out) == expected
 
 
 def test_canonicalize_tuple():

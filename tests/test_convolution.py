@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from jax import numpy as jnp
 from jax.test_util import check_grads
 
-from cnnjax._canon import layout_of
+from cnnjax._canon import Layout
 from cnnjax.convolution import (
     conv,
     conv_transpose,
@@ -37,7 +37,7 @@ def _forward_kernel_shape(layout, window, c_in_per_group, c_out):
 def _vjp_case(seed):
     rng = np.random.default_rng(seed)
     rank = 1 + seed % 3
-    layout = layout_of(np.zeros((1,) * (rank + 2)), ("NHWC", "NCHW")[(seed // 3) % 2], "test")
+    layout = Layout(channels_last=(seed // 3) % 2 == 0, spatial_rank=rank)
     groups = int(rng.choice([1, 2, 3]))
     c_in, c_out = groups * int(rng.integers(1, 3)), groups * int(rng.integers(1, 3))
     window = tuple(int(k) for k in rng.integers(1, 4, rank))
@@ -174,7 +174,7 @@ def _insert_zeros(x, dilation, spatial_axes):
 )
 def test_input_dilation_equals_explicit_zero_insertion(layout, input_dilation, padding, strides):
     rng = np.random.default_rng(0)
-    lay = layout_of(np.zeros((1,) * (len(layout))), layout, "test")
+    lay = Layout(layout.endswith("C"), len(layout) - 2)
     x = rng.standard_normal(lay.shape(2, (4,) * lay.spatial_rank, 3)).astype(np.float32)
     w = rng.standard_normal(_forward_kernel_shape(lay, (2,) * lay.spatial_rank, 3, 2)).astype(np.float32)
     dilation = (input_dilation,) * lay.spatial_rank if isinstance(input_dilation, int) else input_dilation
@@ -196,7 +196,7 @@ def test_conv_transpose_equals_input_dilated_conv_with_flipped_kernel():
 def test_depthwise_conv_is_one_conv_per_channel(layout):
     rng = np.random.default_rng(2)
     c, multiplier = 3, 2
-    lay = layout_of(np.zeros((1,) * 4), layout, "test")
+    lay = Layout(layout == "NHWC", 2)
     x = rng.standard_normal(lay.shape(2, (6, 5), c)).astype(np.float32)
     w = rng.standard_normal(_forward_kernel_shape(lay, (3, 2), 1, c * multiplier)).astype(np.float32)
     b = rng.standard_normal(c * multiplier).astype(np.float32)
@@ -243,7 +243,7 @@ def test_separable_conv_equals_conv_with_the_combined_kernel():
 )
 def test_spatially_separable_conv_equals_conv_with_the_outer_product(strides, padding, dilation, layout):
     rng = np.random.default_rng(4)
-    lay = layout_of(np.zeros((1,) * 4), layout, "test")
+    lay = Layout(layout == "NHWC", 2)
     c_in, c_mid, c_out = 2, 3, 2
     x = rng.standard_normal(lay.shape(1, (9, 8), c_in)).astype(np.float32)
     column = rng.standard_normal((3, c_in, c_mid)).astype(np.float32)
@@ -326,8 +326,59 @@ def test_conv_under_jit_traces_once_per_shape():
     jitted(x + 1.0, w, b)
 
 
+def _unbatched_cases():
+    rng = np.random.default_rng(5)
+
+    def arr(*shape):
+        return jnp.asarray(rng.standard_normal(shape), jnp.float32)
+
+    return {
+        "conv": (lambda x, lay: conv(x, arr(3, 3, 2, 4) if lay == "NHWC" else arr(4, 2, 3, 3), arr(4), layout=lay)),
+        "conv_transpose": (
+            lambda x, lay: conv_transpose(
+                x, arr(2, 2, 3, 2) if lay == "NHWC" else arr(2, 3, 2, 2), strides=2, layout=lay
+            )
+        ),
+        "depthwise_conv": (
+            lambda x, lay: depthwise_conv(x, arr(3, 3, 1, 4) if lay == "NHWC" else arr(4, 1, 3, 3), layout=lay)
+        ),
+        "separable_conv": (
+            lambda x, lay: separable_conv(
+                x,
+                arr(3, 3, 1, 2) if lay == "NHWC" else arr(2, 1, 3, 3),
+                arr(1, 1, 2, 3) if lay == "NHWC" else arr(3, 2, 1, 1),
+                layout=lay,
+            )
+        ),
+        "spatially_separable_conv": (
+            lambda x, lay: spatially_separable_conv(
+                x,
+                arr(3, 1, 2, 2) if lay == "NHWC" else arr(2, 2, 3, 1),
+                arr(1, 3, 2, 3) if lay == "NHWC" else arr(3, 2, 1, 3),
+                layout=lay,
+            )
+        ),
+    }
+
+
+@pytest.mark.parametrize("layout", [None, "NCHW"])
+@pytest.mark.parametrize("name", sorted(_unbatched_cases()))
+def test_unbatched_input_equals_a_batch_of_one(name, layout):
+    """``(H, W, C)`` / ``(C, H, W)``: the kernel's rank says 2-D, so rank 3 is unbatched, as in
+    PyTorch and ``flax.nnx.Conv``; the result has no batch axis."""
+    lay = layout or "NHWC"
+    x = jnp.asarray(
+        np.random.default_rng(6).standard_normal((1, 6, 6, 2) if lay == "NHWC" else (1, 2, 6, 6)), jnp.float32
+    )
+    # each _unbatched_cases() draws the same kernels
+    np.testing.assert_allclose(_unbatched_cases()[name](x[0], lay), _unbatched_cases()[name](x, lay)[0], **TOL)
+
+
 def test_vmap_over_unbatched_inputs_and_over_kernels():
     x, w, b = _small_problem()
+    np.testing.assert_allclose(
+        jax.vmap(lambda xi: conv(xi, w, b, padding="SAME"))(x), conv(x, w, b, padding="SAME"), **TOL
+    )
     per_example = jax.vmap(lambda xi: conv(xi[None], w, b, padding="SAME")[0])(x)
     np.testing.assert_allclose(per_example, conv(x, w, b, padding="SAME"), **TOL)
     kernels = jnp.stack([w, 2.0 * w])
@@ -383,9 +434,21 @@ W4 = np.zeros((3, 3, 4, 6), np.float32)
 @pytest.mark.parametrize(
     ("call", "error", "message"),
     [
-        (lambda: conv(np.zeros((5, 5)), W4), ValueError, "conv: x must be batched with 1 to 3 spatial dims"),
-        (lambda: conv(np.zeros((1, 5, 5, 5, 5, 4)), W4), ValueError, "rank 3 to 5"),
-        (lambda: conv(X4, W4[0]), ValueError, "conv: kernel must have rank 4"),
+        (
+            lambda: conv(np.zeros((8,)), W4),
+            ValueError,
+            r"conv: x must be \(N, H, W, C\) or \(H, W, C\) for a 2-D kernel, got shape \(8,\)",
+        ),
+        (lambda: conv(np.zeros((1, 5, 5, 5, 5, 4)), W4), ValueError, r"or \(H, W, C\) for a 2-D kernel"),
+        (lambda: conv(X4, W4[0]), ValueError, r"conv: x must be \(N, W, C\) or \(W, C\) for a 1-D kernel"),
+        (lambda: conv(X4, W4[0, 0]), ValueError, "conv: kernel must have rank 3 to 5"),
+        (lambda: conv(X4, W4, layout="NCW"), ValueError, "conv: layout='NCW' names 1 spatial dims, but kernel of"),
+        (
+            lambda: conv(X4.astype(np.int32), W4.astype(np.int32), np.zeros(6)),
+            TypeError,
+            "conv: bias of dtype float32 cannot be added to a conv of dtype int32",
+        ),
+        (lambda: conv(X4, W4, np.zeros(6, np.complex64)), TypeError, "bias of dtype complex64 cannot be added"),
         (lambda: conv(X4, np.zeros((3, 3, 3, 6))), ValueError, "kernel has 3 input channels but x has C_in=4"),
         (lambda: conv(X4, W4, feature_group_count=3), ValueError, "feature_group_count=3 must divide C_in=4"),
         (
@@ -466,7 +529,12 @@ W4 = np.zeros((3, 3, 4, 6), np.float32)
         (
             lambda: spatially_separable_conv(np.zeros((1, 5, 4)), np.zeros((3, 4, 4)), np.zeros((3, 4, 4))),
             ValueError,
-            "spatially_separable_conv: x must have 2 spatial dims",
+            r"spatially_separable_conv: column_kernel must have rank 4 \(a 2-D kernel\)",
+        ),
+        (
+            lambda: separable_conv(X4, np.zeros((3, 3, 1, 8)), np.zeros((1, 8, 2))),
+            ValueError,
+            r"separable_conv: pointwise_kernel must have rank 4",
         ),
         (lambda: corr2d(np.zeros((1, 3, 3)), np.zeros((2, 2))), ValueError, r"corr2d: x must be a 2-D array"),
         (lambda: corr2d(np.zeros((3, 3)), np.zeros((4, 2))), ValueError, "corr2d: along spatial dim 0"),

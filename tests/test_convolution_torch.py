@@ -18,6 +18,11 @@ CONV_MODULES = {1: torch.nn.Conv1d, 2: torch.nn.Conv2d, 3: torch.nn.Conv3d}
 CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
+def _names(rank: int) -> tuple[str, str]:
+    """The channels-first and channels-last layout names of ``rank`` spatial dims."""
+    return ("NCW", "NCHW", "NCDHW")[rank - 1], ("NWC", "NHWC", "NDHWC")[rank - 1]
+
+
 def _channels_last(x):
     """NCHW array -> NHWC."""
     return np.moveaxis(x, 1, -1)
@@ -80,9 +85,9 @@ def test_conv_matches_torch_and_nhwc_matches_nchw(seed):
         "feature_group_count": geometry["groups"],
         "padding_mode": padding_mode,
     }
-    y = conv(x, w, b, layout="NCHW", **kwargs)
+    y = conv(x, w, b, layout=_names(rank)[0], **kwargs)
     np.testing.assert_allclose(y, expected, **TOL)
-    y_nhwc = conv(_channels_last(x), _hwio(w), b, layout="NHWC", **kwargs)
+    y_nhwc = conv(_channels_last(x), _hwio(w), b, layout=_names(rank)[1], **kwargs)
     np.testing.assert_allclose(y_nhwc, _channels_last(expected), **TOL)
 
 
@@ -128,9 +133,9 @@ def test_conv_transpose_matches_torch_and_nhwc_matches_nchw(seed):
         "kernel_dilation": dilation,
         "feature_group_count": groups,
     }
-    y = conv_transpose(x, w, b, layout="NCHW", **kwargs)
+    y = conv_transpose(x, w, b, layout=_names(rank)[0], **kwargs)
     np.testing.assert_allclose(y, expected, **TOL)
-    y_nhwc = conv_transpose(_channels_last(x), _hwio(w), b, layout="NHWC", **kwargs)
+    y_nhwc = conv_transpose(_channels_last(x), _hwio(w), b, layout=_names(rank)[1], **kwargs)
     np.testing.assert_allclose(y_nhwc, _channels_last(expected), **TOL)
 
 

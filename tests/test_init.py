@@ -15,14 +15,14 @@ from cnnjax import init, nn
 SHAPES = [
     ((5, 5, 64, 128), "NHWC"),
     ((128, 64, 5, 5), "NCHW"),
-    ((9, 96, 160), "NHWC"),
-    ((3, 3, 3, 24, 40), "NHWC"),
-    ((40, 24, 3, 3, 3), "NCHW"),
+    ((9, 96, 160), "NWC"),
+    ((3, 3, 3, 24, 40), None),
+    ((40, 24, 3, 3, 3), "NCDHW"),
 ]
 
 
 def _window_and_channels(shape, layout):
-    if layout == "NHWC":
+    if layout is None or layout.endswith("C"):
         return math.prod(shape[:-2]), shape[-2], shape[-1]
     return math.prod(shape[2:]), shape[1], shape[0]
 
@@ -82,6 +82,8 @@ def test_init_errors():
         init.he_normal_conv("fan_avg")
     with pytest.raises(ValueError, match="conv_fans: layout='HWIO'"):
         init.conv_fans((3, 3, 2, 2), "HWIO")
+    with pytest.raises(ValueError, match="conv_fans: layout='NHWC' names 2 spatial dims, but kernel shape"):
+        init.conv_fans((3, 2, 2), "NHWC")
     with pytest.raises(ValueError, match="from_torch_conv: expected a conv weight of rank 3 to 5"):
         init.from_torch_conv(np.zeros((3, 3)))
 

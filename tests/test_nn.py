@@ -84,6 +84,42 @@ def test_int_kernel_size_is_one_dimensional_as_in_flax():
     assert layer(jnp.ones((1, 9, 2))).shape == (1, 9, 3)
 
 
+@pytest.mark.parametrize("batch", [(), (3,), (2, 3)])
+def test_batch_axes_as_flax_nnx_conv(batch):
+    """No batch axis, one, or several (folded into one and back), as ``flax.nnx.Conv`` takes them."""
+    ours = _with_params(lambda: nn.Conv(1, 2, (3, 3), padding="VALID", rngs=nnx.Rngs(0)), 1)
+    flax_conv = _with_params(lambda: nnx.Conv(1, 2, (3, 3), padding="VALID", rngs=nnx.Rngs(0)), 1)
+    x = _inputs((*batch, 5, 5, 1), 2)
+    y = _apply(ours, x)
+    assert y.shape == (*batch, 3, 3, 2)
+    np.testing.assert_allclose(y, _apply(flax_conv, x), **TOL)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: nn.ConvTranspose(1, 2, (2, 2), strides=2, rngs=nnx.Rngs(0)),
+        lambda: nn.DepthwiseConv(1, (3, 3), depth_multiplier=2, rngs=nnx.Rngs(0)),
+        lambda: nn.SeparableConv(1, 2, (3, 3), rngs=nnx.Rngs(0)),
+        lambda: nn.MaxPool((2, 2)),
+        lambda: nn.AvgPool((2, 2), padding=1),
+        lambda: nn.LPPool(2, (2, 2)),
+        lambda: nn.AdaptiveAvgPool((2, 3)),
+        lambda: nn.AdaptiveMaxPool((2, 3)),
+    ],
+)
+def test_layers_take_any_leading_batch_axes(make):
+    """Layers whose arguments fix the spatial rank: ``(H, W, C)`` and ``(B1, B2, H, W, C)`` give
+    the ``(N, H, W, C)`` result without ``N`` / with ``(B1, B2)``."""
+    layer = _with_params(make)
+    x = _inputs((6, 5, 5, 1), 3)
+    expected = _apply(layer, x)
+    np.testing.assert_allclose(_apply(layer, x[0]), expected[0], **TOL)
+    np.testing.assert_allclose(
+        _apply(layer, x.reshape(2, 3, 5, 5, 1)), expected.reshape(2, 3, *expected.shape[1:]), **TOL
+    )
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_conv_dtype_promotion_matches_flax(dtype):
     x = _inputs((1, 6, 6, 2))
@@ -217,12 +253,36 @@ def test_construction_errors_name_op_argument_and_value(make, message):
         make()
 
 
+def test_geometry_is_canonicalized_once_at_construction():
+    """Tuples of ints and (lo, hi) pairs past ``__init__`` (padding strings stay: they depend on the input)."""
+    layer = nn.Conv(1, 2, (3, 3), 2, padding=1, kernel_dilation=[1, 2], rngs=nnx.Rngs(0))
+    assert (layer.strides, layer.padding, layer.kernel_dilation, layer.input_dilation) == (
+        (2, 2),
+        ((1, 1), (1, 1)),
+        (1, 2),
+        (1, 1),
+    )
+    assert nn.ConvTranspose(1, 2, (2,), 2, padding="same", output_padding=1, rngs=nnx.Rngs(0)).output_padding == (1,)
+    pool = nn.MaxPool([2, 2], padding=[1, 0])
+    assert (pool.window_shape, pool.strides, pool.padding, pool.window_dilation) == (
+        (2, 2),
+        None,
+        ((1, 1), (0, 0)),
+        (1, 1),
+    )
+    assert nn.MaxPool(2).window_shape == 2  # an int leaves the rank to the input
+    with pytest.raises(ValueError, match=r"MaxPool: strides=\(1, 1, 1\) must have one entry per spatial dim \(2\)"):
+        nn.MaxPool((2, 2), (1, 1, 1))
+    with pytest.raises(ValueError, match=r"AvgPool: window_shape=0 must be >= 1"):
+        nn.AvgPool(0)
+
+
 def test_call_errors_come_from_the_functional_op():
     layer = nn.Conv(2, 3, (3, 3), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError):
         layer(jnp.ones((1, 8, 8, 5)))
-    with pytest.raises(ValueError):
-        nn.MaxPool((2, 2))(jnp.ones((8, 8, 2)))
+    with pytest.raises(ValueError, match=r"max_pool: x must be \(N, H, W, C\) or \(H, W, C\)"):
+        nn.MaxPool((2, 2))(jnp.ones((8, 2)))
 
 
 # --- transforms and training ----------------------------------------------------------------------
@@ -285,5 +345,5 @@ def test_set_impl_switches_every_layer():
     assert "cnnjax_" not in str(jax.make_jaxpr(lambda x: model(x))(jnp.ones((1, 6, 6, 1))))
     with pytest.raises(ValueError, match=r"set_impl: impl='xla' is not one of \('auto', 'closed_form', 'lax'\)"):
         nn.set_impl(model, "xla")
-    with pytest.raises(ValueError, match=r"conv: impl='xla' is not one of"):
-        nn.Conv(1, 2, (3, 3), impl="xla", rngs=nnx.Rngs(0))(jnp.ones((1, 6, 6, 1)))
+    with pytest.raises(ValueError, match=r"Conv: impl='xla' is not one of"):  # at construction
+        nn.Conv(1, 2, (3, 3), impl="xla", rngs=nnx.Rngs(0))

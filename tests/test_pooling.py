@@ -15,6 +15,7 @@ from jax.test_util import check_grads
 from cnnjax.pooling import (
     adaptive_avg_pool,
     adaptive_max_pool,
+    adaptive_max_pool_with_indices,
     avg_pool,
     global_avg_pool,
     global_max_pool,
@@ -126,15 +127,30 @@ def test_strides_default_to_window_and_overlap_otherwise():
         ("FULL", [0, 1, 2, 3, 3], [0, 1, 3, 5, 3]),
         (1, [0, 1, 2, 3, 3], [0, 1, 3, 5, 3]),
         ([(0, 1)], [1, 2, 3, 3], [1, 3, 5, 3]),
-        ([2], [-np.inf, 0, 1, 2, 3, 3, -np.inf], [0, 0, 1, 3, 5, 3, 0]),
+        ([(1, 0)], [0, 1, 2, 3], [0, 1, 3, 5]),
     ],
 )
 def test_padding_forms(padding, expected_max, expected_sum):
-    """Window 2, stride 1 over [0, 1, 2, 3]: max pads with -inf, sum with 0 (padding 2 makes
-    windows lying wholly in the padding, which hold the pad value)."""
+    """Window 2, stride 1 over [0, 1, 2, 3]: max pads with -inf, sum with 0."""
     x = _line([0, 1, 2, 3])
     np.testing.assert_array_equal(_flat(max_pool(x, 2, 1, padding, layout="NWC")), expected_max)
     np.testing.assert_array_equal(_flat(sum_pool(x, 2, 1, padding, layout="NWC")), expected_sum)
+
+
+@pytest.mark.parametrize(
+    "pool,args,kwargs",
+    [
+        (max_pool, (2, 1, [2]), {}),  # the first and last windows lie wholly in the padding
+        (sum_pool, (2, 2, [(0, 2)]), {}),  # floor mode keeps a window starting in the right padding
+        (avg_pool, (2, 50, 4), {}),  # PyTorch's avg_pool1d error sample: its only window is padding
+        (max_pool_with_indices, (2, 1, 2), {"window_dilation": 5}),  # taps -2, 3 skip over the input
+    ],
+)
+def test_padding_that_leaves_a_window_without_input_raises(pool, args, kwargs):
+    """Every window must hold an input element (PyTorch caps padding at half the window for the
+    same reason, more strictly: cnnjax takes any padding that keeps every window real)."""
+    with pytest.raises(ValueError, match=r"leaves window \d+ with no input element, only padding"):
+        pool(_line([0.0, 1.0, 2.0, 3.0]), *args, **kwargs)
 
 
 def test_padding_never_wins_the_max_or_min():
@@ -160,8 +176,9 @@ def test_ceil_mode_keeps_windows_starting_inside():
     np.testing.assert_array_equal(_flat(max_pool(x, 2, ceil_mode=True)), [1, 3, 4])
     np.testing.assert_allclose(_flat(avg_pool(x, 2, ceil_mode=True)), [0.5, 2.5, 4.0])  # overhang not counted
     # PyTorch's rule: with ceil_mode no window may start in the right padding, so here ceil_mode
-    # gives fewer windows than floor mode, which keeps the one lying wholly in the padding.
-    assert max_pool(_line(range(4)), 2, 2, [(0, 2)]).shape == (1, 3, 1)
+    # gives fewer windows than floor mode, whose third window would lie wholly in the padding.
+    with pytest.raises(ValueError, match="leaves window 2 with no input element"):
+        max_pool(_line(range(4)), 2, 2, [(0, 2)])
     np.testing.assert_array_equal(_flat(max_pool(_line(range(4)), 2, 2, [(0, 2)], ceil_mode=True)), [1, 3])
 
 
@@ -176,11 +193,10 @@ def test_avg_pool_divisor_with_padding_and_ceil_mode(count_include_pad, expected
     np.testing.assert_allclose(_flat(y), expected, rtol=1e-6)
 
 
-def test_avg_pool_divisor_override_and_empty_windows():
+def test_avg_pool_divisor_override():
     np.testing.assert_allclose(avg_pool(ARANGE_4X4, 2, divisor_override=2)[0, ..., 0], [[5, 9], [21, 25]])
-    # A window wholly in padding averages to 0, as in PyTorch (never 0/0).
-    y = avg_pool(_line([4.0, 8.0]), 2, 1, [(2, 0)], count_include_pad=False, layout="NWC")
-    np.testing.assert_array_equal(_flat(y), [0.0, 4.0, 6.0])
+    # Any nonzero int, as in PyTorch: a negative divisor flips the sign.
+    np.testing.assert_allclose(avg_pool(ARANGE_4X4, 2, divisor_override=-4)[0, ..., 0], [[-2.5, -4.5], [-10.5, -12.5]])
 
 
 def test_lp_pool_values():
@@ -219,8 +235,16 @@ def _pool_geometry(draw):
     )
     pads = _pairs(padding, sizes, window, strides, dilation)
     ceil_mode = draw(st.booleans())
-    assume(all(n + lo + hi >= d * (w - 1) + 1 for n, w, d, (lo, hi) in zip(sizes, window, dilation, pads, strict=True)))
+    assume(_every_window_holds_input(sizes, window, strides, pads, dilation, ceil_mode))
     return sizes, window, strides, dilation, padding, pads, ceil_mode, draw(st.integers(0, 2**16))
+
+
+def _every_window_holds_input(sizes, window, strides, pads, dilation, ceil_mode):
+    """The geometry has windows and each holds an input element (else the pools raise)."""
+    if any(n + lo + hi < d * (w - 1) + 1 for n, w, d, (lo, hi) in zip(sizes, window, dilation, pads, strict=True)):
+        return False
+    positions = _window_positions(sizes, window, strides, pads, dilation, ceil_mode)
+    return all(any(t is not None for t in taps) for _, taps in positions)
 
 
 @settings(max_examples=15)
@@ -235,7 +259,7 @@ def test_sum_min_max_pool_match_numpy(geometry, dtype):
         "padding": padding,
         "window_dilation": dilation,
         "ceil_mode": ceil_mode,
-        "layout": "NCHW",
+        "layout": _named("NCHW", len(sizes)),
     }
 
     @jax.jit
@@ -256,10 +280,17 @@ def test_avg_pool_matches_numpy(geometry):
     """Asymmetric padding too (PyTorch has only symmetric): the divisor counts taps inside [-lo, n + hi)."""
     sizes, window, strides, _, padding, _, ceil_mode, seed = geometry
     pads = _pairs(padding, sizes, window, strides, (1,) * len(sizes))  # avg_pool has no dilation
+    assume(_every_window_holds_input(sizes, window, strides, pads, (1,) * len(sizes), ceil_mode))
     x = np.random.default_rng(seed).standard_normal((1, 2, *sizes)).astype(np.float32)
     for count_include_pad in (True, False):
         y = avg_pool(
-            x, window, strides, padding, ceil_mode=ceil_mode, count_include_pad=count_include_pad, layout="NCHW"
+            x,
+            window,
+            strides,
+            padding,
+            ceil_mode=ceil_mode,
+            count_include_pad=count_include_pad,
+            layout=_named("NCHW", len(sizes)),
         )
         hi_end = [n + hi for n, (_, hi) in zip(sizes, pads, strict=True)]
         expected = np.zeros(y.shape, np.float64)
@@ -332,10 +363,18 @@ def test_global_pools(rank, layout, keepdims):
     if layout == "NHWC":
         x = np.moveaxis(x, 1, -1)
         axes = tuple(a - 1 for a in axes)
+    layout = _named(layout, rank)
     np.testing.assert_array_equal(global_max_pool(x, keepdims, layout), x.max(axis=axes, keepdims=keepdims))
     np.testing.assert_allclose(
         global_avg_pool(x, keepdims, layout), x.mean(axis=axes, keepdims=keepdims), rtol=1e-6, atol=1e-6
     )
+    # unbatched, with a layout naming the rank: the result has no batch axis
+    np.testing.assert_array_equal(global_max_pool(x[1], keepdims, layout), x[1:].max(axis=axes, keepdims=keepdims)[0])
+
+
+def _named(layout, rank):
+    """The layout name of ``rank`` spatial dims with the channel order of ``"NHWC"``/``"NCHW"``."""
+    return ("NWC", "NHWC", "NDHWC")[rank - 1] if layout == "NHWC" else ("NCW", "NCHW", "NCDHW")[rank - 1]
 
 
 def _torch_bins(size, out):
@@ -389,6 +428,69 @@ def test_spatial_pyramid_pool_other_ranks(shape, layout, expected):
     assert spatial_pyramid_pool(jnp.ones(shape), (1, 2, 3), "avg", layout).shape == (2, expected)
 
 
+# --- unbatched inputs and -inf windows (PyTorch parity, issue 16) -------------------------------
+
+
+UNBATCHED_CALLS = {
+    "max_pool": lambda x, lay: max_pool(x, 2, 1, 1, layout=lay),
+    "avg_pool": lambda x, lay: avg_pool(x, 2, 1, 1, count_include_pad=False, layout=lay),
+    "lp_pool": lambda x, lay: lp_pool(x, 2, 2, layout=lay),
+    "max_pool_with_indices": lambda x, lay: max_pool_with_indices(x, 2, ceil_mode=True, layout=lay),
+    "adaptive_avg_pool": lambda x, lay: adaptive_avg_pool(x, 2, lay),
+    "adaptive_max_pool_with_indices": lambda x, lay: adaptive_max_pool_with_indices(x, 2, lay),
+    "spatial_pyramid_pool": lambda x, lay: spatial_pyramid_pool(x, (1, 2), layout=lay),
+}
+
+
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+@pytest.mark.parametrize("name", sorted(UNBATCHED_CALLS))
+def test_unbatched_input_equals_a_batch_of_one(name, layout):
+    """``(H, W, C)`` / ``(C, H, W)`` with a layout naming the rank: the batched result without ``N``."""
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(1, 3, 5, 5)))
+    if layout == "NHWC":
+        x = jnp.moveaxis(x, 1, -1)
+    call = UNBATCHED_CALLS[name]
+    batched, unbatched = call(x, layout), call(x[0], layout)
+    for b, u in zip(jax.tree.leaves(batched), jax.tree.leaves(unbatched), strict=True):
+        np.testing.assert_array_equal(u, b[0])
+
+
+def test_window_shape_sequence_fixes_the_rank_of_an_unbatched_input():
+    x = jnp.arange(16.0).reshape(4, 4, 1)  # (H, W, C): 2-D by window_shape=(2, 2)
+    np.testing.assert_array_equal(max_pool(x, (2, 2))[..., 0], [[5.0, 7.0], [13.0, 15.0]])
+    # the same array with an int window is (N, W, C): a 1-D pool
+    np.testing.assert_array_equal(max_pool(x, 2)[..., 0], [[1.0, 3.0], [5.0, 7.0], [9.0, 11.0], [13.0, 15.0]])
+
+
+@pytest.mark.parametrize("impl", ["auto", "closed_form", "lax"])
+def test_minus_inf_windows_route_gradient_and_index_to_the_first_real_element(impl):
+    """A window whose real elements are all ``-inf`` (with padding): as in PyTorch, the value is
+    ``-inf`` and the gradient and the index go to its first real element, never to the padding."""
+    x = jnp.array([[[-jnp.inf], [2.0], [-jnp.inf], [-jnp.inf]]])  # (N, W, C)
+    values, indices = max_pool_with_indices(x, 2, 2, 1, layout="NWC", impl=impl)  # [pad, x0], [x1, x2], [x3, pad]
+    np.testing.assert_array_equal(_flat(values), [-np.inf, 2.0, -np.inf])
+    np.testing.assert_array_equal(_flat(indices), [0, 1, 3])
+    grad = jax.grad(lambda a: jnp.sum(jnp.where(jnp.isinf(y := max_pool(a, 2, 2, 1, impl=impl)), 1.0, 2.0) * y))(x)
+    np.testing.assert_array_equal(_flat(grad), [1.0, 2.0, 0.0, 1.0])
+    grad_2d = jax.grad(lambda a: max_pool(a, 3, 1, 1, layout="NCHW", impl=impl)[0, 0, 0, 0])(
+        jnp.full((1, 1, 2, 2), -jnp.inf)
+    )
+    np.testing.assert_array_equal(grad_2d[0, 0], [[1.0, 0.0], [0.0, 0.0]])
+
+
+def test_adaptive_max_pool_with_indices_hand_computed():
+    """Bins [0, 2), [1, 4), [3, 5) of [1, 3, 3, 0, 5]: the first maximum of each (ties too)."""
+    x = jnp.array([[1.0, 3.0, 3.0, 0.0, 5.0]])  # (C, W): unbatched
+    values, indices = adaptive_max_pool_with_indices(x, 3, "NCW")
+    np.testing.assert_array_equal(values, [[3.0, 3.0, 5.0]])
+    np.testing.assert_array_equal(indices, [[1, 1, 4]])
+    assert indices.dtype == jnp.int32
+    grad = jax.grad(lambda a: adaptive_max_pool_with_indices(a, 3, "NCW")[0].sum())(x)
+    np.testing.assert_array_equal(grad, [[0.0, 2.0, 0.0, 0.0, 1.0]])
+    x2 = jnp.arange(12.0).reshape(1, 3, 4, 1)  # NHWC, bins of one size: the window-pool path
+    np.testing.assert_array_equal(adaptive_max_pool_with_indices(x2, (1, 2))[1][0, ..., 0], [[9, 11]])
+
+
 # --- indices and unpooling --------------------------------------------------------------------
 
 
@@ -416,6 +518,7 @@ def test_max_unpool_round_trip(rank, layout):
         expected[box] = np.where(keep, block, 0)
     if layout == "NHWC":
         x, expected = np.moveaxis(x, 1, -1), np.moveaxis(expected, 1, -1)
+    layout = _named(layout, rank)
 
     @jax.jit
     def round_trip(a):
@@ -554,19 +657,40 @@ X = jnp.ones((1, 4, 4, 1))
 @pytest.mark.parametrize(
     "call,error,match",
     [
-        (lambda: max_pool(jnp.ones((4, 4)), 2), ValueError, r"max_pool: x must be batched .* got rank 2"),
+        (lambda: max_pool(jnp.ones((4, 4)), 2), ValueError, r"max_pool: x must be batched .* got shape \(4, 4\)"),
         (lambda: avg_pool(jnp.ones((1, 1, 4, 4, 4, 4)), 2), ValueError, r"avg_pool: x must be batched"),
+        (
+            lambda: max_pool(jnp.ones((4,)), (2, 2)),
+            ValueError,
+            r"max_pool: x must be \(N, H, W, C\) or \(H, W, C\) for window_shape=\(2, 2\), got shape \(4,\)",
+        ),
+        (
+            lambda: max_pool(jnp.ones((1, 4)), 2, layout="NCHW"),
+            ValueError,
+            r"max_pool: x must be \(N, C, H, W\) or \(C, H, W\) for layout 'NCHW', got shape \(1, 4\)",
+        ),
+        (lambda: max_pool(jnp.ones((1, 1, 4)), 2, layout="NCHW"), ValueError, r"spans 2 along spatial dim 0"),
         (
             lambda: max_pool(jnp.ones((1, 4, 1)), 2, layout="NHWC_"),
             ValueError,
             r"max_pool: layout='NHWC_' is not one of",
         ),
-        (lambda: max_pool(X, 2, layout="NCDHW"), ValueError, r"max_pool: x must have rank 5 in layout 'NCDHW'"),
         (
-            lambda: max_pool(X, (2, 2, 2)),
+            lambda: max_pool(X[0], 2, layout="NCDHW"),
             ValueError,
-            r"max_pool: window_shape=\(2, 2, 2\) must have one entry per spatial dim \(2\)",
+            r"max_pool: x must be \(N, C, D, H, W\) or \(C, D, H, W\)",
         ),
+        (
+            lambda: max_pool(X[0, 0], (2, 2, 2)),
+            ValueError,
+            r"max_pool: x must be \(N, D, H, W, C\) or \(D, H, W, C\) for window_shape=\(2, 2, 2\)",
+        ),
+        (
+            lambda: max_pool(X, (2, 2), layout="NCW"),
+            ValueError,
+            r"max_pool: layout='NCW' names 1 spatial dims, but window_shape=\(2, 2\) has 2",
+        ),
+        (lambda: max_pool(X, 2, strides=(1, 1, 1)), ValueError, r"strides=\(1, 1, 1\) must have one entry per spatial"),
         (lambda: max_pool(X, 0), ValueError, r"max_pool: window_shape=0 must be >= 1"),
         (lambda: max_pool(X, 2.5), TypeError, r"max_pool: window_shape must be an int"),
         (lambda: min_pool(X, 2, 0), ValueError, r"min_pool: strides=0 must be >= 1"),
@@ -584,17 +708,23 @@ X = jnp.ones((1, 4, 4, 1))
             r"max_pool: window_shape=\(5, 5\) .* spans 5 along spatial dim 0, more than the padded input 4 .*empty",
         ),
         (lambda: max_pool(X, 3, window_dilation=2), ValueError, r"max_pool: .* spans 5 along spatial dim 0"),
-        (lambda: avg_pool(X, 2, divisor_override=0), ValueError, r"avg_pool: divisor_override=0 must be >= 1"),
+        (lambda: avg_pool(X, 2, divisor_override=0), ValueError, r"avg_pool: divisor_override=0 must be a nonzero int"),
+        (lambda: avg_pool(X, 2, divisor_override=1.5), TypeError, r"avg_pool: divisor_override must be an int"),
         (lambda: lp_pool(X, 0, 2), ValueError, r"lp_pool: p=0 must be a number > 0"),
         (lambda: lp_pool(X, -1.5, 2), ValueError, r"lp_pool: p=-1.5 must be a number > 0"),
         (lambda: lp_pool(X, "2", 2), ValueError, r"lp_pool: p='2' must be a number > 0"),
         (lambda: global_max_pool(jnp.ones((4, 4))), ValueError, r"global_max_pool: x must be batched"),
-        (lambda: global_avg_pool(X, layout="NWC"), ValueError, r"global_avg_pool: x must have rank 3"),
+        (lambda: global_avg_pool(X, layout="NWC"), ValueError, r"global_avg_pool: x must be \(N, W, C\) or \(W, C\)"),
         (lambda: adaptive_max_pool(X, 0), ValueError, r"adaptive_max_pool: output_size=0 must be >= 1"),
         (
-            lambda: adaptive_avg_pool(X, (2, 2, 2)),
+            lambda: adaptive_avg_pool(X[0, 0], (2, 2, 2)),
             ValueError,
-            r"adaptive_avg_pool: output_size=\(2, 2, 2\) must have one entry",
+            r"adaptive_avg_pool: x must be \(N, D, H, W, C\) or \(D, H, W, C\) for output_size=\(2, 2, 2\)",
+        ),
+        (
+            lambda: adaptive_max_pool_with_indices(X, (2, 2), "NCW"),
+            ValueError,
+            r"adaptive_max_pool_with_indices: layout='NCW' names 1 spatial dims, but output_size=\(2, 2\) has 2",
         ),
         (lambda: spatial_pyramid_pool(X, mode="sum"), ValueError, r"spatial_pyramid_pool: mode='sum' is not one of"),
         (lambda: spatial_pyramid_pool(X, 2), TypeError, r"spatial_pyramid_pool: levels must be a non-empty sequence"),
@@ -607,9 +737,9 @@ X = jnp.ones((1, 4, 4, 1))
         (lambda: max_unpool(X, X, 8), TypeError, r"max_unpool: indices must have an integer dtype, got dtype float32"),
         (lambda: max_unpool(X, jnp.zeros(X.shape, int), 0), ValueError, r"max_unpool: output_size=0 must be >= 1"),
         (
-            lambda: max_unpool(X, jnp.zeros(X.shape, int), (8, 8, 8)),
+            lambda: max_unpool(X[0, 0], jnp.zeros(X.shape[2:], int), (8, 8, 8)),
             ValueError,
-            r"max_unpool: output_size=\(8, 8, 8\) must have one entry",
+            r"max_unpool: values must be \(N, D, H, W, C\) or \(D, H, W, C\) for output_size=\(8, 8, 8\)",
         ),
         (
             lambda: max_unpool(jnp.ones((4, 4)), jnp.zeros((4, 4), int), 8),

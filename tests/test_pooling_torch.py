@@ -37,6 +37,11 @@ def _torch_fn(name: str, rank: int):
     return getattr(F, f"{name}{rank}d")
 
 
+def _names(ndim: int) -> tuple[str, str]:
+    """The channels-first and channels-last layout names of a batched input of rank ``ndim``."""
+    return ("NCW", "NCHW", "NCDHW")[ndim - 3], ("NWC", "NHWC", "NDHWC")[ndim - 3]
+
+
 def _outputs(fn, a, layout):
     out = fn(a, layout)
     return out if isinstance(out, tuple) else (out,)
@@ -53,10 +58,11 @@ def _ours(fn, x, cotangents=None, nhwc=True):
     gradient of ``_pairing``. One compile per case keeps the file fast."""
 
     def run(a, cts):
-        outputs = _outputs(fn, jnp.moveaxis(a, 1, -1), "NHWC") if nhwc else ()
+        first, last = _names(a.ndim)
+        outputs = _outputs(fn, jnp.moveaxis(a, 1, -1), last) if nhwc else ()
         nhwc_outputs = tuple(jnp.moveaxis(t, -1, 1) for t in outputs)
-        grad = None if cts is None else jax.grad(lambda b: _pairing(_outputs(fn, b, "NCHW"), cts))(a)
-        return _outputs(fn, a, "NCHW"), nhwc_outputs, grad
+        grad = None if cts is None else jax.grad(lambda b: _pairing(_outputs(fn, b, first), cts))(a)
+        return _outputs(fn, a, first), nhwc_outputs, grad
 
     return jax.jit(run)(jnp.asarray(x), cotangents)
 
@@ -65,7 +71,7 @@ def _check(fn, x, torch_fn, rng, *, grad=True, nhwc=True):
     """``fn`` (cnnjax, NCHW) equals ``torch_fn`` output by output; with ``nhwc``, ``fn`` in NHWC
     equals the NCHW result transposed; and the input gradients agree for random cotangents on
     the outputs that ``grad`` selects (a bool, or one bool per output; integer outputs never)."""
-    shapes = jax.eval_shape(lambda a: _outputs(fn, a, "NCHW"), jnp.asarray(x))
+    shapes = jax.eval_shape(lambda a: _outputs(fn, a, _names(a.ndim)[0]), jnp.asarray(x))
     selected = grad if isinstance(grad, tuple) else (grad,) * len(shapes)
     cotangents = tuple(
         rng.standard_normal(s.shape).astype(np.float32) if g and jnp.issubdtype(s.dtype, jnp.floating) else None
