@@ -49,6 +49,12 @@ def _pad_spatial(x, pairs, value, layout: Layout):
     return lax.pad(x, jnp.asarray(value, x.dtype), config)
 
 
+def _pad_to(x, shape):
+    """``x`` padded with zeros at the end of each axis to ``shape``."""
+    pads = [(0, n - m, 0) for n, m in zip(shape, x.shape, strict=True)]
+    return lax.pad(x, jnp.zeros((), x.dtype), pads) if any(map(any, pads)) else x
+
+
 def _strided_slice(x, start, count, strides, layout: Layout):
     """``x[..., start + j*s, ...]`` for ``j < count`` along each spatial axis."""
     starts, limits, steps = [0] * x.ndim, list(x.shape), [1] * x.ndim
@@ -180,47 +186,74 @@ def _overlap_add(parts, size, window, strides, dilation, layout: Layout):
 # default (concurrency-optimized) schedule keeps them all alive at once, so the program's scratch
 # memory passes glibc's 32 MiB mmap threshold and is page-faulted in afresh on every call
 # (8x14x14x512 depthwise conv forward+backward: 34 MiB scratch, 8,400 faults, 10 ms). Written
-# instead as an elementwise sum of a few slabs of the product (along the leading summed axes,
-# built ``_in_halves``), it is one loop that reads the operands once and writes a sixteenth of the
-# product, and only that is reduced (the same layer: 1.6 MiB, no faults, 1.4 ms). A product is cut
-# into no more slabs than keep each at most ``_SLAB_SIZE`` elements (256 KiB of float32): every
-# slab is a few slices and a product in the compiled program, and sixteen per tap, nine taps, two
-# halves made the first ``jit(grad)`` of an 8x40x40x16 3x3 depthwise conv compile in 2-4 s.
+# instead as an elementwise sum of a few slabs of each product (along the leading summed axes),
+# it is one loop per product that reads the operands once and writes a sixteenth of it, and only
+# that is reduced (the same layer: 1.6 MiB, no faults, 1.4 ms). A product is cut into no more
+# slabs than keep each at most ``_SLAB_SIZE`` elements (256 KiB of float32).
+#
+# XLA:CPU's compile time is LLVM's, and grows with the slices and products in each loop. Each
+# tap's slab sum built ``_in_halves`` (two loops per tap, the slices twice) made the first
+# ``jit(grad)`` of an 8x40x40x16 3x3 depthwise conv compile in 2.3-2.9 s (lax: 0.3 s). Joined
+# along the minor axis instead, up to ``_JOIN_SIZE`` elements of slab sums per join (which also
+# keeps them a buffer of their own), they are one loop per tap and one reduction per join:
+# 1.3-1.4 s. Forward+backward of the eight layers measured ran in 0.6-1.14x the time (8x40x40x16:
+# 0.72-1.08; NCHW 8x32x56x56: 0.61-0.66; 8x112x112x32, whose taps join in pairs: 1.12, twice)
+# and compiled 1.2-4x faster (docs/performance.md#compile-time). Each tap's slab sum is padded to
+# one shape once: padding each slab instead (a bounds test per slab and element) ran 1.1-1.5x slower.
 _SLAB_TERMS = 16
 _SLAB_SIZE = 1 << 16
+_JOIN_SIZE = 1 << 19
 
 
-def _sum_all_but(block, shape, keep):
-    """Sum over every axis not in ``keep`` (kept in order) of an array of ``shape`` given by its
-    blocks: ``block(start, limit)`` is its part ``[start, limit)``. First the elementwise sum of up
-    to ``_SLAB_TERMS`` slabs of at most about ``_SLAB_SIZE`` elements along the leading summed axes
-    (the first two that are not the minor axis; a short last slab is padded with zeros), built
-    ``_in_halves``; then a reduction of that."""
-    summed = tuple(i for i in range(len(shape)) if i not in keep)
+def _sum_all_but(products, shape, keep):
+    """Each product's sum over every axis not in ``keep``, as an array ``(len(products), prod of
+    the kept sizes)``, kept axes in order. A product is ``(block, its shape)``, at most ``shape``
+    along each axis, and ``block(start, limit)`` is its part ``[start, limit)``. First each
+    product's elementwise sum of up to ``_SLAB_TERMS`` slabs of at most about ``_SLAB_SIZE``
+    elements along the leading summed axes (the first two that are not the minor axis; short slabs
+    are padded with zeros); then these, joined along the minor axis in groups of up to
+    ``_JOIN_SIZE`` elements (a group of one built ``_in_halves``), are reduced."""
+    rank = len(shape)
+    summed = [i for i in range(rank) if i not in keep]
     counts, left = {}, min(_SLAB_TERMS, -(-math.prod(shape) // _SLAB_SIZE))
-    for axis in [i for i in summed if i < len(shape) - 1][:2]:
+    for axis in [i for i in summed if i < rank - 1][:2]:
         counts[axis] = min(shape[axis], left)
         left //= counts[axis]
-    if math.prod(counts.values()) == 1:
-        return jnp.sum(block([0] * len(shape), list(shape)), axis=summed)
-    sizes = {axis: -(-shape[axis] // k) for axis, k in counts.items()}
+    slab = [-(-n // counts.get(axis, 1)) for axis, n in enumerate(shape)]
 
-    def slab_sum(lo: int, hi: int):
-        """The sum of the slabs over ``lo:hi`` of the minor axis."""
+    def slab_sum(block, size, lo: int, hi: int):
+        """The sum of one product's slabs over ``lo:hi`` of the minor axis."""
         terms = []
         for index in itertools.product(*map(range, counts.values())):
-            start, limit, pads = [0] * len(shape), list(shape), [(0, 0, 0)] * len(shape)
-            for (axis, size), j in zip(sizes.items(), index, strict=True):
-                start[axis], limit[axis] = j * size, min((j + 1) * size, shape[axis])
-                pads[axis] = (0, size - (limit[axis] - start[axis]), 0)
+            start, limit = [0] * rank, list(size)
+            for axis, j in zip(counts, index, strict=True):
+                start[axis], limit[axis] = j * slab[axis], min((j + 1) * slab[axis], size[axis])
             if all(b < e for b, e in zip(start, limit, strict=True)):
                 term = lax.slice_in_dim(block(start, limit), lo, hi, axis=-1)
-                terms.append(lax.pad(term, jnp.zeros((), term.dtype), pads) if any(map(any, pads)) else term)
+                terms.append(_pad_to(term, [slab[a] if a in counts else n for a, n in enumerate(term.shape)]))
         while len(terms) > 1:  # a balanced tree of adds
             terms = [functools.reduce(jnp.add, terms[i : i + 2]) for i in range(0, len(terms), 2)]
         return terms[0]
 
-    return jnp.sum(_in_halves(slab_sum, shape[-1]), axis=summed)
+    def reduced(sums, n: int):
+        """``sums``, ``n`` slab sums joined along the minor axis, reduced: ``(n, kept sizes)``."""
+        sums = sums.reshape(*sums.shape[:-1], n, sums.shape[-1] // n)  # the products on an axis of their own
+        kept = [axis if axis < rank - 1 else rank for axis in keep]  # the minor axis moved past it
+        sums = jnp.sum(sums, axis=tuple(a for a in range(rank + 1) if a != rank - 1 and a not in kept))
+        return jnp.moveaxis(sums, sum(a < rank - 1 for a in kept), 0).reshape(n, -1)
+
+    def joined(group):
+        """The group's slab sums, joined along the minor axis (padded with zeros to one shape; a
+        lone one's built ``_in_halves``), reduced."""
+        if len(group) == 1:
+            return reduced(_in_halves(functools.partial(slab_sum, *group[0]), group[0][1][-1]), 1)
+        common = [max(size[axis] for _, size in group) for axis in range(rank)]
+        parts = [slab_sum(block, size, 0, size[-1]) for block, size in group]
+        parts = [_pad_to(p, [n if a in counts else common[a] for a, n in enumerate(p.shape)]) for p in parts]
+        return reduced(jnp.concatenate(parts, axis=-1), len(parts))
+
+    per_join = max(1, _JOIN_SIZE // math.prod(slab))
+    return jnp.concatenate([joined(products[i : i + per_join]) for i in range(0, len(products), per_join)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,6 +437,13 @@ def _folds(cin: int, n: int) -> int:
     return n if cin == 1 else 1
 
 
+def _folded(groups: int, cin: int, strides) -> bool:
+    """Whether ``_conv_input_grad`` folds taps into channels: ungrouped, few input channels, and
+    stride 1 along the axes not folded."""
+    n = len(strides)
+    return groups == 1 and cin < _FOLD_BELOW_CHANNELS and all(s == 1 for s in strides[: n - _folds(cin, n)])
+
+
 def _folded_input_grad(dy, kernel, input_spatial, strides, padding, dilation, layout: Layout, precision):
     """The ungrouped conv input gradient ``delta_l = pad(dilate(delta, s)) (*) rot180(W)`` in two
     steps: a stride-1 correlation over the leading spatial axes in which each tap ``b`` of the
@@ -455,8 +495,7 @@ def _conv_input_grad(dy, kernel, input_spatial, strides, padding, dilation, grou
     Ungrouped convs of few input channels fold the taps of the last axis (of every axis, with one
     channel) into the channels instead (``_folded_input_grad``)."""
     window = _kernel_window(kernel.shape, layout)
-    cin, n = kernel.shape[layout.kernel_in_axis], layout.spatial_rank
-    if groups == 1 and cin < _FOLD_BELOW_CHANNELS and all(s == 1 for s in strides[: n - _folds(cin, n)]):
+    if _folded(groups, kernel.shape[layout.kernel_in_axis], strides):
         return _folded_input_grad(dy, kernel, input_spatial, strides, padding, dilation, layout, precision)
     swapped = _kernel_from_groups(jnp.swapaxes(_kernel_to_groups(kernel, groups, layout), -1, -2), layout)
     count = [-(-n // s) for n, s in zip(input_spatial, strides, strict=True)]
@@ -549,12 +588,12 @@ def _pointwise_kernel_grad(x, dy, window, strides, padding, dilation, groups, la
     return _kernel_from_groups(grad.reshape(*window, *grad.shape), layout)
 
 
-# A depthwise kernel gradient's per-tap slab sums are most of its compile time: unrolled, each tap
-# is its own fusions (8x40x40x16, 3x3: 1.9 s of a jit(grad)'s compile; 5x5: 4.6 s, both under
-# load). Past ``_MAX_UNROLLED_KERNEL_GRAD_TAPS`` taps they run in a ``fori_loop`` over the taps,
-# one body compiled once (5x5: 0.6 s), reading each tap through a dynamic slice of a padded copy;
-# that runs about 4x slower than the unrolled taps (8x112x112x32, 3x3: 90 against 22 ms, same
-# run) and still far faster than XLA's grouped-conv kernel gradient.
+# A depthwise kernel gradient's per-tap slab sums are most of its compile time, which grows with
+# the taps. Past ``_MAX_UNROLLED_KERNEL_GRAD_TAPS`` taps they run in a ``fori_loop`` over the
+# taps, one body compiled once, reading each tap through a dynamic slice of a padded copy: a 5x5
+# layer's jit(grad) (both arguments) compiled in 2.1 s against 3.3 s unrolled (8x40x40x16; 8x112x112x32:
+# 2.8 against 4.6 s) and ran 1.6-1.8x slower (8.2 against 4.5 ms; 185 against 117 ms, same run),
+# still far faster than XLA's grouped-conv kernel gradient.
 _MAX_UNROLLED_KERNEL_GRAD_TAPS = 9
 
 
@@ -586,7 +625,7 @@ def _depthwise_kernel_grad(x, dy, window, strides, padding, dilation, groups, la
         return lax.slice(v, lo, hi)
 
     out = layout.spatial(dy.shape)
-    taps = math.prod(window)
+    shape, taps = product_shape(out), math.prod(window)
     if taps > _MAX_UNROLLED_KERNEL_GRAD_TAPS:
         xp = _pad_spatial(x, padding, 0, layout)
         offsets = jnp.asarray([[a * d for a, d in zip(tap, dilation, strict=True)] for tap in _taps(window)])
@@ -596,18 +635,21 @@ def _depthwise_kernel_grad(x, dy, window, strides, padding, dilation, groups, la
             for i, (axis, o, s) in enumerate(zip(layout.spatial_axes, out, strides, strict=True)):
                 start[axis], sizes[axis] = offsets[t, i], (o - 1) * s + 1
             xs = _strided_slice(lax.dynamic_slice(xp, start, sizes), [0] * len(out), out, strides, layout)
-            g = _sum_all_but(lambda b, e: product(cut(xs, b, e), cut(dy, b, e)), product_shape(out), keep)
-            return lax.dynamic_update_index_in_dim(grads, g.reshape(-1), t, 0)
+
+            def block(start, limit):
+                return product(cut(xs, start, limit), cut(dy, start, limit))
+
+            return lax.dynamic_update_slice_in_dim(grads, _sum_all_but([(block, shape)], shape, keep), t, 0)
 
         grads = jnp.zeros((taps, groups * cig * cog), jnp.result_type(x, dy))
         grads = lax.fori_loop(0, taps, tap_grad, grads)
         return _kernel_from_groups(grads.reshape(*window, groups, cig, cog), layout)
 
-    grads = []
+    products, met = [], []  # the taps that meet some input, and their products
     for tap in _taps(window):
         spans = _tap_overlap(tap, layout.spatial(x.shape), out, strides, padding, dilation)
+        met.append(spans is not None)
         if spans is None:  # the tap only ever meets padding
-            grads.append(jnp.zeros(groups * cig * cog, x.dtype))
             continue
         first, count, x_first = zip(*spans, strict=True)
         # the tap's inputs and the outputs they meet, without padding
@@ -618,7 +660,9 @@ def _depthwise_kernel_grad(x, dy, window, strides, padding, dilation, groups, la
             """The products of the outputs ``[start, limit)`` (batch and space)."""
             return product(cut(xs, start, limit), cut(dys, start, limit))
 
-        grads.append(_sum_all_but(block, product_shape(count), keep).reshape(-1))
+        products.append((block, product_shape(count)))
+    sums = iter(_sum_all_but(products, shape, keep) if products else ())
+    grads = [next(sums) if m else jnp.zeros(groups * cig * cog, jnp.result_type(x, dy)) for m in met]
     return _kernel_from_groups(jnp.stack(grads).reshape(*window, groups, cig, cog), layout)
 
 
@@ -697,7 +741,11 @@ def _max_pool_grad(dy, index, w: PoolGeometry):
 # Unrolled schedules emit a few operations per window tap (per phase, per slab, per border
 # strip), and XLA's compile time grows with them: a 13x13 depthwise conv's first jit(grad) took
 # 16-26 s unrolled against 0.3 s for lax's convolution, a 7x7 max pool 11-20 s. Past these sizes
-# the plain formulas run instead (experiments/bench_compile.py measures both).
+# the plain formulas run instead (experiments/bench_compile.py measures both). A dense conv's
+# gradients are not unrolled over the taps (a correlation per batch chunk, at most 32; an XLA
+# convolution per stride phase) unless its input gradient folds taps into channels: they keep
+# their schedules past them (ResNet's 7x7/2 stem, 8x224x224x3 -> 64, forward+backward on the Zen
+# 3 host: 934 ms with XLA's gradients, 185-191 ms scheduled).
 _MAX_UNROLLED_TAPS = 25
 _MAX_UNROLLED_GROUPS = 32
 
@@ -728,8 +776,12 @@ def correlate(x, kernel, g: ConvGeometry, precision=None):
 
 
 def input_grad(dy, kernel, g: ConvGeometry, precision=None):
-    """:func:`cnnjax.backprop.input_grad`, scheduled per stride phase (``_conv_input_grad``)."""
-    fits = _unrolled_conv_fits(g, *_channels(kernel, g)) and math.prod(g.strides) <= _MAX_UNROLLED_TAPS
+    """:func:`cnnjax.backprop.input_grad`, scheduled per stride phase (``_conv_input_grad``). A
+    dense conv's phases are XLA convolutions, not unrolled over the taps, unless it folds taps into
+    channels or has one output channel; it keeps its schedule at any window size."""
+    cig, cog = _channels(kernel, g)
+    per_tap = g.groups > 1 or cog == 1 or _folded(g.groups, cig, g.strides)
+    fits = (not per_tap or _unrolled_conv_fits(g, cig, cog)) and math.prod(g.strides) <= _MAX_UNROLLED_TAPS
     if not (_scheduled(dy, kernel) and fits):
         return backprop.input_grad(dy, kernel, g, precision)
     dx = _conv_input_grad(dy, kernel, g.input_spatial, g.strides, g.padding, g.dilation, g.groups, g.layout, precision)
@@ -737,9 +789,11 @@ def input_grad(dy, kernel, g: ConvGeometry, precision=None):
 
 
 def kernel_grad(x, dy, g: ConvGeometry, precision=None):
-    """:func:`cnnjax.backprop.kernel_grad`, scheduled (``_conv_kernel_grad``)."""
+    """:func:`cnnjax.backprop.kernel_grad`, scheduled (``_conv_kernel_grad``). Only a depthwise
+    conv's is unrolled over the taps; the others keep their schedule at any window size."""
     cig, cog = (g.layout.channels(a.shape) // g.groups for a in (x, dy))
-    if not (_scheduled(x, dy) and _unrolled_conv_fits(g, cig, cog)):
+    fits = _unrolled_conv_fits(g, cig, cog) if _depthwise(g.groups, cig, cog) else g.groups <= _MAX_UNROLLED_GROUPS
+    if not (_scheduled(x, dy) and fits):
         return backprop.kernel_grad(x, dy, g, precision)
     dk = _conv_kernel_grad(x, dy, g.window, g.strides, g.padding, g.dilation, g.groups, g.layout, precision)
     return dk.astype(x.dtype)

@@ -9,7 +9,7 @@ cnnjax keeps (issue #13) is ``auto <= max(2 * lax, 2 s)``, reported per row.
 
 Run (from the repository root, on an otherwise idle machine):
 
-    python experiments/bench_compile.py                 # about 4 minutes on 2 cores
+    python experiments/bench_compile.py                 # about 15 minutes on 2 cores
     python experiments/bench_compile.py --windows 3 7 --rounds 1
     python experiments/bench_compile.py --json /tmp/compile.json
 """

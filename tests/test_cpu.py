@@ -21,13 +21,21 @@ def assert_close(actual, expected, rtol=2e-5):
 
 # Products of more than _cpu._SLAB_SIZE elements are summed in slabs before the reduction; odd
 # sizes leave a short last slab, padded with zeros. A smaller slab size makes these (and CI)
-# small: 16 slabs, 3 along the batch and 5 of 13 rows (the last one short) along the height.
+# small: 16 slabs, 3 along the batch and 5 of 13 rows (the last one short) along the height. The
+# taps' slab sums are joined (padded to one shape) up to _cpu._JOIN_SIZE elements: all nine taps,
+# each alone (built in halves), or groups of four (13,104-element slabs; the last group alone).
 @pytest.mark.parametrize(
-    "layout, groups, cig, cog, strides",
-    [("NHWC", 16, 1, 1, 1), ("NHWC", 8, 1, 2, 2), ("NCHW", 16, 1, 1, 1), ("NCHW", 8, 2, 1, 2)],
+    "layout, groups, cig, cog, strides, join",
+    [
+        ("NHWC", 16, 1, 1, 1, 1 << 20),
+        ("NHWC", 8, 1, 2, 2, 1 << 12),
+        ("NCHW", 16, 1, 1, 1, 60_000),
+        ("NCHW", 8, 2, 1, 2, 1 << 20),
+    ],
 )
-def test_depthwise_kernel_grad_in_slabs_equals_autodiff(layout, groups, cig, cog, strides, monkeypatch):
+def test_depthwise_kernel_grad_in_slabs_equals_autodiff(layout, groups, cig, cog, strides, join, monkeypatch):
     monkeypatch.setattr(_cpu, "_SLAB_SIZE", 1 << 12)
+    monkeypatch.setattr(_cpu, "_JOIN_SIZE", join)
     jax.clear_caches()  # programs compiled with the default slab size
     lay = Layout(layout == "NHWC", 2)
     rng = np.random.default_rng(groups + cig + cog + strides)
@@ -193,6 +201,28 @@ def test_large_windows_fall_back_to_the_formulas():
     assert _hlo(lambda x, k: depthwise_conv(x, k, padding="SAME"), x, small).count("convolution(") == 0
     assert "reduce_window" in _hlo(lambda x: max_pool(x, 9, 1, 4), x)
     assert "reduce_window" not in _hlo(lambda x: max_pool(x, 3, 1, 1), x)
+
+
+# A dense conv's gradients are not unrolled over the taps (batch chunks for the kernel, stride
+# phases for the input), so ResNet's 7x7/2 stem keeps both schedules past _MAX_UNROLLED_TAPS (XLA's
+# own gradients of that stem: 4-5x slower).
+def test_dense_conv_grads_keep_their_schedules_past_the_tap_limit(monkeypatch):
+    monkeypatch.setattr(_cpu, "_KERNEL_GRAD_UNCHUNKED_BYTES", 0)
+    monkeypatch.setattr(_cpu, "_KERNEL_GRAD_CHUNK_POSITIONS", 1)  # one image per chunk
+    jax.clear_caches()
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.normal(size=(4, 20, 20, 8)), jnp.float32)  # 8 channels: not folded
+    k = jnp.asarray(rng.normal(size=(7, 7, 8, 5)), jnp.float32)  # 49 taps > _MAX_UNROLLED_TAPS
+
+    def grad(impl):
+        return jax.grad(lambda x, k: jnp.sum(conv(x, k, strides=2, padding=3, impl=impl) ** 2), argnums=(0, 1))
+
+    # the forward, a kernel gradient per image, an input gradient per stride phase
+    assert _hlo(grad("auto"), x, k).count("convolution(") == 1 + 4 + 4
+    assert _hlo(grad("lax"), x, k).count("convolution(") == 3
+    for auto, lax_ in zip(jax.jit(grad("auto"))(x, k), jax.jit(grad("lax"))(x, k), strict=True):
+        assert_close(auto, lax_)
+    jax.clear_caches()  # programs compiled with the patched chunks
 
 
 def test_schedules_only_take_float32():
