@@ -3,8 +3,8 @@
 Every function here computes exactly what its formula in :mod:`cnnjax.backprop` computes, in a
 form measured faster on XLA:CPU (``experiments/bench_backprop.py``; the comments give each
 measurement, on the project's 2-core x86 VM, jax 0.10.2). :mod:`cnnjax._primitives` registers the
-entry points at the bottom (``correlate``, ``input_grad``, ``kernel_grad``, ``window_argmax``,
-``tap_scatter``, ``window_sum_transpose``) as the CPU lowerings of its primitives for
+entry points at the bottom (``correlate``, ``input_grad``, ``kernel_grad``, ``window_max``,
+``window_argmax``, ``window_max_gather``, ``window_max_scatter``, ``window_sum_transpose``) as the CPU lowerings of its primitives for
 ``impl="auto"``. Each entry point falls back to the plain formula outside its measured limits:
 operands that are not float32, symbolic or zero sizes (``jax.export`` with a symbolic batch, an
 empty batch), and unrolled programs whose size would make compilation slow (window taps, group
@@ -810,11 +810,26 @@ def window_argmax(x, w: PoolGeometry, select: str = "max"):
     return _max_pool_argmax(x, w, select)
 
 
-def tap_scatter(dy, tap, w: PoolGeometry):
-    """:func:`cnnjax.backprop.tap_scatter`, written back per output phase (``_max_pool_grad``)."""
-    if not (_scheduled(dy) and _unrolled_pool_fits(w)):
-        return backprop.tap_scatter(dy, tap, w)
-    return _max_pool_grad(dy, tap, w)
+def window_max(x, w: PoolGeometry, select: str = "max"):
+    """:func:`cnnjax.backprop.window_max`, as the fold over the taps that also records each max id
+    (``_max_pool_argmax``; XLA drops the ids where nothing reads them, and computes the fold once
+    where the gradient reads them too)."""
+    if not (_scheduled(x) and _unrolled_pool_fits(w)):
+        return backprop.window_max(x, w, select)
+    return _max_pool_argmax(x, w, select)[0]
+
+
+def window_max_gather(t, x, w: PoolGeometry, select: str = "max"):
+    """:func:`cnnjax.backprop.window_max_gather` at the max ids of ``_max_pool_argmax``."""
+    return backprop.tap_gather(t, window_argmax(x, w, select)[1], w)
+
+
+def window_max_scatter(dy, x, w: PoolGeometry, select: str = "max"):
+    """:func:`cnnjax.backprop.window_max_scatter`, written back per output phase from the max ids
+    of ``_max_pool_argmax`` (``_max_pool_grad``)."""
+    if not (_scheduled(dy, x) and _unrolled_pool_fits(w)):
+        return backprop.window_max_scatter(dy, x, w, select)
+    return _max_pool_grad(dy, _max_pool_argmax(x, w, select)[1], w)
 
 
 def window_sum_transpose(dy, w: PoolGeometry):

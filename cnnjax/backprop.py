@@ -39,6 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+# lax's max-pool gradient primitive (lax exports no select_and_scatter; pyproject pins the JAX range)
+from jax._src.lax.windowed_reductions import _select_and_scatter
+
 from cnnjax._canon import (
     ConvGeometry,
     Layout,
@@ -87,28 +90,41 @@ def correlate(x, kernel, g: ConvGeometry, precision=None):
     )
 
 
-def rot180(kernel, layout: Layout, groups: int):
-    """notes 002's ``rot180(W)`` with the input and output channels swapped within each group:
-    the kernel of the adjoint conv. ``(C_in_t, C_out_t // G, *window)`` (as OIHW; HWIO likewise)
-    -> ``(C_out_t, C_in_t // G, *window)``."""
-    axes = (layout.kernel_out_axis, layout.kernel_in_axis)
-    flipped = jnp.flip(kernel, layout.kernel_spatial_axes)
-    if groups == 1:  # one swap, as lax.conv_transpose writes it (the same compiled program)
-        return jnp.swapaxes(flipped, *axes)
-    k = jnp.moveaxis(flipped, axes, (0, 1))
-    c_in_t, c_out_per_group, *window = k.shape
-    k = k.reshape(groups, c_in_t // groups, c_out_per_group, *window).swapaxes(1, 2)
-    k = k.reshape(groups * c_out_per_group, c_in_t // groups, *window)
-    return jnp.moveaxis(k, (0, 1), axes)
+def _spec_transpose(spec: tuple[int, ...]) -> tuple[int, ...]:
+    """A conv operand's dimension spec with its first two entries (batch/feature, out/in) swapped."""
+    return (spec[1], spec[0], *spec[2:])
+
+
+def _groups_into_in(kernel, groups: int, spec: tuple[int, ...]):
+    """A grouped kernel's groups moved from its output-channel axis into its input-channel axis
+    (outermost), so that the in/out-swapped kernel is grouped the same way: lax's
+    ``_conv_general_dilated_transpose_lhs``. ``spec``: the kernel's (out, in, *spatial) axes."""
+    out_axis, in_axis = spec[0], spec[1]
+    shape = list(kernel.shape)
+    shape[out_axis : out_axis + 1] = [groups, shape[out_axis] // groups]
+    split = lax.reshape(kernel, shape)
+    # the groups axis sits at out_axis; put it just before the input-channel axis and merge
+    order = [i for i in range(split.ndim) if i != out_axis]
+    order.insert(in_axis, out_axis)
+    merged = list(kernel.shape)
+    merged[in_axis] *= groups
+    merged[out_axis] //= groups
+    return lax.reshape(split, merged, order)
 
 
 def input_grad(dy, kernel, g: ConvGeometry, precision=None):
     """notes 002, conv backprop: ``delta_l = pad(dilate(delta_{l+1}, s)) (*) rot180(W)``, in/out
     channels swapped: ``dy`` dilated by the stride (lax's input dilation), padded
     ``d*(k-1) - lo`` before and ``n + lo - 1 - (o-1)*s`` after (negative pads crop), correlated
-    with :func:`rot180` of the kernel. ``dy: (N, *output_spatial, C_out)`` ->
-    ``(N, *input_spatial, C_in)``; also the transposed conv.
+    with the kernel rotated 180 degrees (reversed along its window axes) whose input and output
+    channels swap roles through the dimension numbers rather than by moving data (with groups,
+    the groups move from the output into the input channels first). The same program as lax's
+    own transpose rule (``jax._src.lax.convolution._conv_general_dilated_transpose_lhs``).
+    ``dy: (N, *output_spatial, C_out)`` -> ``(N, *input_spatial, C_in)``; also the transposed conv.
     """
+    lhs_spec, rhs_spec, out_spec = lax.conv_dimension_numbers(dy.shape, kernel.shape, g.layout.dimension_numbers)
+    if g.groups > 1:
+        kernel = _groups_into_in(kernel, g.groups, rhs_spec)
     pads = tuple(
         (d * (k - 1) - lo, n + lo - 1 - (o - 1) * s)
         for n, o, k, s, d, (lo, _) in zip(
@@ -117,12 +133,12 @@ def input_grad(dy, kernel, g: ConvGeometry, precision=None):
     )
     return lax.conv_general_dilated(
         dy,
-        rot180(kernel, g.layout, g.groups),
+        lax.rev(kernel, rhs_spec[2:]),
         window_strides=(1,) * len(pads),
         padding=pads,
         lhs_dilation=g.strides,
         rhs_dilation=g.dilation,
-        dimension_numbers=g.layout.dimension_numbers,
+        dimension_numbers=lax.ConvDimensionNumbers(out_spec, _spec_transpose(rhs_spec), lhs_spec),
         feature_group_count=g.groups,
         precision=precision,
     )
@@ -146,11 +162,9 @@ def kernel_grad(x, dy, g: ConvGeometry, precision=None):
     shape = kernel_shape(g, layout.channels(x.shape), layout.channels(dy.shape))
     if x.shape[0] == 0:  # an empty sum (a zero-size conv operand is degenerate in XLA)
         return jnp.zeros(shape, jnp.result_type(x, dy))
-    spatial = layout.lhs[1:-1] if layout.channels_last else layout.lhs[2:]
-    if layout.channels_last:  # x (N, *sp, C): C is the conv's batch, N its feature
-        numbers = (f"C{spatial}N", f"I{spatial}O", f"{spatial}NC")
-    else:
-        numbers = (f"CN{spatial}", f"IO{spatial}", f"CN{spatial}")
+    # lax's transpose rule (``_conv_general_dilated_transpose_rhs``): batch and feature swap roles
+    lhs_spec, rhs_spec, out_spec = lax.conv_dimension_numbers(x.shape, shape, layout.dimension_numbers)
+    numbers = lax.ConvDimensionNumbers(_spec_transpose(lhs_spec), _spec_transpose(out_spec), _spec_transpose(rhs_spec))
     # the high pad that fits exactly k output taps: (k-1)*d + (o-1)*s + 1 = n + lo + hi
     pads = tuple(
         (lo, (k - 1) * d + (o - 1) * s + 1 - n - lo)
@@ -163,11 +177,59 @@ def kernel_grad(x, dy, g: ConvGeometry, precision=None):
         dy,
         window_strides=g.dilation,
         padding=pads,
+        lhs_dilation=(1,) * len(pads),
         rhs_dilation=g.strides,
         dimension_numbers=numbers,
         batch_group_count=g.groups,
         precision=precision,
     )
+
+
+def _groups_into_out(kernel, groups: int, spec: tuple[int, ...]):
+    """The inverse of :func:`_groups_into_in`."""
+    out_axis, in_axis = spec[0], spec[1]
+    shape = list(kernel.shape)
+    shape[in_axis : in_axis + 1] = [groups, shape[in_axis] // groups]
+    split = lax.reshape(kernel, shape)
+    groups_axis = in_axis
+    order = [i for i in range(split.ndim) if i != groups_axis]
+    order.insert(out_axis, groups_axis)
+    merged = list(kernel.shape)
+    merged[in_axis] //= groups
+    merged[out_axis] *= groups
+    return lax.reshape(split, merged, order)
+
+
+def transposed_kernel_grad(x, dy, g: ConvGeometry, precision=None):
+    """:func:`kernel_grad` written as lax writes the kernel gradient of a transposed conv, the
+    transpose of :func:`input_grad`'s correlation with respect to its reversed kernel: ``dy``
+    dilated by the stride, correlated with ``x`` as the kernel, then reversed (and, with groups,
+    the groups moved back into the output channels). The same values as :func:`kernel_grad`
+    (``x``: the transposed conv's cotangent, ``dy``: its input)."""
+    layout = g.layout
+    shape = kernel_shape(g, layout.channels(x.shape), layout.channels(dy.shape))
+    if x.shape[0] == 0:
+        return jnp.zeros(shape, jnp.result_type(x, dy))
+    lhs_spec, rhs_spec, out_spec = lax.conv_dimension_numbers(x.shape, shape, layout.dimension_numbers)
+    pads = tuple(
+        (d * (k - 1) - lo, n - (o - 1) * s - 1 + lo)
+        for n, o, k, s, d, (lo, _) in zip(
+            g.input_spatial, g.output_spatial, g.window, g.strides, g.dilation, g.padding, strict=True
+        )
+    )
+    reversed_grad = lax.conv_general_dilated(
+        dy,
+        x,
+        window_strides=g.dilation,
+        padding=pads,
+        lhs_dilation=g.strides,
+        rhs_dilation=(1,) * len(pads),
+        dimension_numbers=lax.ConvDimensionNumbers(_spec_transpose(out_spec), _spec_transpose(lhs_spec), rhs_spec),
+        batch_group_count=g.groups,
+        precision=precision,
+    )
+    grad = lax.rev(reversed_grad, rhs_spec[2:])
+    return _groups_into_out(grad, g.groups, rhs_spec) if g.groups > 1 else grad
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,17 +276,19 @@ def window_sum_transpose(dy, w: PoolGeometry):
     """notes 002, mean pooling: every input of a window receives the window's gradient (the
     divisor is applied to ``dy`` first): ``dx[j*s + a*d - lo] += dy[j]`` over taps ``a``.
 
-    ``dy`` dilated by the stride and padded so that a stride-1 window sum over it lands on the
-    padded input, then the padding cropped: ``(N, *out, C)`` -> ``(N, *input_spatial, C)``.
+    ``dy`` dilated by the stride and padded ``d*(k-1) - lo`` before and ``n + lo - (o-1)*s - 1``
+    after (negative pads crop), so that a stride-1 window sum over it lands on the input: lax's
+    own transpose of a window sum (``_reduce_window_sum_transpose_rule``).
+    ``(N, *out, C)`` -> ``(N, *input_spatial, C)``.
     """
-    pads = []
-    for n, (lo, hi), k, s, d, o in zip(
-        w.input_spatial, w.reduce_padding, w.window, w.strides, w.dilation, w.out, strict=True
-    ):
-        span = d * (k - 1)
-        pads.append((span, n + lo + hi - (o - 1) * s - 1, s - 1))
+    pads = [
+        (d * (k - 1) - lo, n + lo - (o - 1) * s - 1, s - 1)
+        for n, (lo, _), k, s, d, o in zip(
+            w.input_spatial, w.reduce_padding, w.window, w.strides, w.dilation, w.out, strict=True
+        )
+    ]
     dyp = lax.pad(dy, np.array(0, dy.dtype), w.layout.window(pads, (0, 0, 0)))
-    padded = lax.reduce_window(
+    return lax.reduce_window(
         dyp,
         np.array(0, dy.dtype),
         lax.add,
@@ -233,7 +297,81 @@ def window_sum_transpose(dy, w: PoolGeometry):
         "VALID",
         window_dilation=w.layout.window(w.dilation),
     )
-    return _crop(padded, w)
+
+
+def window_max(x, w: PoolGeometry, select: str = "max"):
+    """Max pooling's forward (``select="min"``: min pooling): one ``lax.reduce_window`` over ``x``
+    padded with the value that never wins (:func:`lowest`). ``(N, *input_spatial, C)`` ->
+    ``(N, *out, C)``."""
+    return lax.reduce_window(
+        x,
+        lowest(x.dtype, select),
+        lax.max if select == "max" else lax.min,
+        w.layout.window(w.window),
+        w.layout.window(w.strides),
+        w.layout.window(w.reduce_padding, (0, 0)),
+        window_dilation=w.layout.window(w.dilation),
+    )
+
+
+def window_max_scatter(dy, x, w: PoolGeometry, select: str = "max"):
+    """notes 002, max pooling backprop: each output's gradient goes to its window's max id (the
+    first maximum in scan order, never padding; :func:`window_argmax`), the other inputs get 0
+    (:func:`tap_scatter`). ``dy: (N, *out, C)``, ``x: (N, *input_spatial, C)`` ->
+    ``(N, *input_spatial, C)``.
+    """
+    return tap_scatter(dy, window_argmax(x, w, select)[1], w)
+
+
+def select_and_scatter_max(dy, x, w: PoolGeometry, select: str = "max", *, expand_padding: bool = False):
+    """:func:`window_max_scatter` as lax's own program for it: one ``select_and_scatter`` over
+    ``x`` with a select that keeps the current tap on ties and a NaN once met (a NaN wins, as in
+    ``lax.max``). Ties go to the earlier tap where XLA visits a window's taps in scan order
+    (XLA:GPU's and XLA:TPU's window loops); XLA:CPU's rewrite into a window reduction does not
+    keep that order, so the CPU lowerings use :func:`window_max_scatter`.
+
+    The pool's padding is the op's own, which XLA never selects; with ``expand_padding`` (XLA:GPU,
+    which crashes on a padded ``select_and_scatter``, as lax's lowering notes) ``x`` is padded
+    with :func:`lowest` first and the result cropped, as lax does there, and a real ``-inf``
+    (``inf`` for ``"min"``) is raised to the lowest finite value, so that padding still never
+    wins: the one difference left is a window holding a real ``-inf`` before a real
+    ``-finfo.max``, whose gradient then goes to the ``-inf``. With window dilation, which
+    ``select_and_scatter`` lacks (and lax has no gradient), :func:`window_max_scatter`.
+    """
+    if any(d != 1 for d in w.dilation):
+        return window_max_scatter(dy, x, w, select)
+    beats_or_ties = lax.ge if select == "max" else lax.le
+
+    def keeps_current(a, b):
+        return beats_or_ties(a, b) | lax.ne(a, a)
+
+    padding, shape = w.reduce_padding, x.shape
+    if expand_padding:
+        edge = lowest(x.dtype, select)
+        finite = np.array(jnp.finfo(x.dtype).min if select == "max" else jnp.finfo(x.dtype).max, x.dtype)
+        x = _pad(jnp.where(x == edge, finite, x), w, edge)
+        padding = tuple((0, 0) for _ in padding)
+    dx = _select_and_scatter(
+        x,
+        keeps_current,
+        w.layout.window(w.window),
+        w.layout.window(w.strides),
+        w.layout.window(padding, (0, 0)),
+        dy,
+        np.array(0, dy.dtype),
+        lax.add,
+    )
+    if not expand_padding:
+        return dx
+    starts = w.layout.window([lo for lo, _ in w.reduce_padding], 0)
+    return lax.slice(dx, starts, tuple(a + n for a, n in zip(starts, shape, strict=True)))
+
+
+def window_max_gather(t, x, w: PoolGeometry, select: str = "max"):
+    """Max pooling's derivative (its JVP): each output takes the tangent ``t`` at its window's
+    max id (:func:`window_argmax`, :func:`tap_gather`). ``t``, ``x: (N, *input_spatial, C)`` ->
+    ``(N, *out, C)``."""
+    return tap_gather(t, window_argmax(x, w, select)[1], w)
 
 
 def tap_dtype(w: PoolGeometry):
@@ -483,7 +621,7 @@ def max_pool_grad(x, dy, window_shape, strides=None, padding="VALID", *, window_
 
     Each output's gradient goes to its window's arg-max, the first maximum in scan (row-major)
     order on ties, as XLA does; padding never receives gradient, not even against a real
-    ``-inf`` (:func:`window_argmax`, :func:`tap_scatter`).
+    ``-inf`` (:func:`window_max_scatter`).
 
     x: ``(N, *spatial, C)`` (channels-last) or ``(N, C, *spatial)``, or unbatched without ``N``
     (spatial rank as in ``max_pool``); dy: ``(N, *out, C)`` with
@@ -503,8 +641,7 @@ def max_pool_grad(x, dy, window_shape, strides=None, padding="VALID", *, window_
     w = pool_geometry(op, x.shape, lay, window_shape, strides, padding, window_dilation, False)
     _check_output(op, "pool", dy, lay.shape(x.shape[0], w.out, lay.channels(x.shape)))
     dtype = jnp.result_type(x, dy)
-    _, tap = window_argmax(x.astype(dtype), w)
-    return without_batch_axis(tap_scatter(dy.astype(dtype), tap, w), batched)
+    return without_batch_axis(window_max_scatter(dy.astype(dtype), x.astype(dtype), w), batched)
 
 
 def avg_pool_grad(dy, input_shape, window_shape, strides=None, padding="VALID", *, count_include_pad=True, layout=None):

@@ -1,5 +1,6 @@
-"""The functional core in one namespace: every conv and pooling op (also ``cnnjax.*``)."""
+"""The functional core in one namespace: every conv and pooling op, and :func:`as_lax` (also ``cnnjax.*``)."""
 
+from cnnjax._primitives import as_lax
 from cnnjax.convolution import (
     conv,
     conv_transpose,
@@ -30,6 +31,7 @@ __all__ = [
     "adaptive_avg_pool",
     "adaptive_max_pool",
     "adaptive_max_pool_with_indices",
+    "as_lax",
     "avg_pool",
     "conv",
     "conv_transpose",

@@ -112,33 +112,21 @@ def _geometry(x, window_shape, strides, padding, window_dilation, ceil_mode, lay
 def _extreme(x, geometry: PoolGeometry, select: str, impl: str):
     """Max (``select="max"``) or min over windows of ``x``; padding never wins."""
     if impl != "lax":
-        return _primitives.window_argmax(x, geometry, select, impl)[0]
+        return _primitives.window_max(x, geometry, select, impl)
     if any(d != 1 for d in geometry.dilation):
         # JAX has no derivative for a dilated reduce_window max/min: gather at the arg-max instead.
         return backprop.tap_gather(x, backprop.window_argmax(lax.stop_gradient(x), geometry, select)[1], geometry)
     if any(lo or hi for lo, hi in geometry.reduce_padding) and jnp.issubdtype(x.dtype, jnp.floating):
         return _padded_reduce_window(x, geometry, select)
-    return _reduce_window(x, geometry, select)
-
-
-def _reduce_window(x, geometry: PoolGeometry, select: str):
-    """The bare ``lax.reduce_window`` max/min, padding with the dtype's lowest (highest) value."""
-    return lax.reduce_window(
-        x,
-        backprop.lowest(x.dtype, select),
-        lax.max if select == "max" else lax.min,
-        geometry.layout.window(geometry.window),
-        geometry.layout.window(geometry.strides),
-        geometry.layout.window(geometry.reduce_padding, (0, 0)),
-    )
+    return backprop.window_max(x, geometry, select)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
 def _padded_reduce_window(x, geometry: PoolGeometry, select: str):
-    """:func:`_reduce_window` (its forward program, unchanged) whose derivative goes to each window's
+    """:func:`cnnjax.backprop.window_max` (its forward program, unchanged) whose derivative goes to each window's
     first extreme real element: JAX's own rule can pick the ``-inf`` padding over a real ``-inf``
     there, and the gradient is lost. The tangent is a plain ``lax`` gather at the arg-max."""
-    return _reduce_window(x, geometry, select)
+    return backprop.window_max(x, geometry, select)
 
 
 @_padded_reduce_window.defjvp
@@ -573,7 +561,10 @@ def _with_indices(x, geometry: PoolGeometry, impl: str):
     if impl == "lax":
         values, tap = _extreme(x, geometry, "max", impl), backprop.window_argmax(lax.stop_gradient(x), geometry)[1]
     else:
-        values, tap = _primitives.window_argmax(x, geometry, "max", impl)
+        values, tap = (
+            _primitives.window_max(x, geometry, "max", impl),
+            _primitives.window_argmax(x, geometry, "max", impl),
+        )
     index, plane_stride = 0, math.prod(geometry.input_spatial)
     for a, n, (lo, _) in zip(
         backprop.tap_offsets(tap, geometry), geometry.input_spatial, geometry.padding, strict=True
