@@ -717,8 +717,8 @@ def _max_pool_argmax(x, w: PoolGeometry, select: str):
         part = [lax.slice_in_dim(xs, lo, hi, axis=-1) for xs in taps]
         best, index = part[0], jnp.zeros(part[0].shape, backprop.tap_dtype(w))
         for t, xs in enumerate(part[1:], 1):
-            # strictly better: a tie keeps the earlier tap; a NaN wins and stays, as in lax.max
-            later = beats(xs, best) | (xs != xs)
+            # strictly better: a tie keeps the earlier tap; the first NaN wins and stays, as in lax.max
+            later = beats(xs, best) | ((xs != xs) & (best == best))
             if t in first_real:
                 mask = first_real[t]
                 later = later | (mask[..., lo:hi] if mask.shape[-1] > 1 else mask)

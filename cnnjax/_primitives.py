@@ -9,16 +9,27 @@ from them, on every backend:
   and the three are each other's transposes, so derivatives of any order stay among them;
 - ``cnnjax_window_sum(x)`` is linear, its transpose the overlap-add ``cnnjax_window_sum_transpose``
   (and back);
-- ``cnnjax_window_argmax(x) -> (y, tap)`` gives each window's maximum and "max id"; its JVP
-  gathers the tangent at the max id (``cnnjax_tap_gather``), whose transpose scatters the
-  gradient back (``cnnjax_tap_scatter``), and back.
+- ``cnnjax_window_max(x)`` gives each window's maximum (minimum); its JVP gathers the tangent at
+  each window's "max id" (``cnnjax_window_max_gather(t, x)``), whose transpose scatters the
+  gradient back there (``cnnjax_window_max_scatter(dy, x)``), and back: lax's
+  ``select_and_gather_add`` / ``select_and_scatter_add`` pair. ``cnnjax_window_argmax(x)`` gives
+  the max ids themselves (integers, no derivative) for ``max_pool_with_indices``.
 
 Every primitive takes its canonical geometry (:class:`cnnjax._canon.ConvGeometry` /
-:class:`~cnnjax._canon.PoolGeometry`) as a parameter, has a batching rule (a vmapped axis is
-folded into the batch, or for a batched kernel into the groups, as lax folds its conv), and is
-lowered to the formula on every platform, or on CPU with ``impl="auto"`` to the measured
-schedules of :mod:`cnnjax._cpu`. The choice is made when the program is lowered for a platform,
-never when it is traced. Every use of ``jax.interpreters`` lives in this file (their API changes
+:class:`~cnnjax._canon.PoolGeometry`) as a parameter and has a batching rule (a vmapped axis is
+folded into the batch, or for a batched kernel into the groups, as lax folds its conv). It is
+lowered, when the program is lowered for a platform (never when it is traced):
+
+- on every platform but CPU, to lax's own program for the same computation (the formulas of
+  :mod:`cnnjax.backprop` are written as lax's transpose rules: kernels in/out-swapped by
+  dimension numbers, ``select_and_scatter`` for max pooling's gradient), so GPU and TPU run what
+  lax and Flax would (``tests/test_lowering.py``);
+- on CPU, with ``impl="auto"``, to the measured schedules of :mod:`cnnjax._cpu`, with
+  ``"closed_form"`` to the formulas.
+
+Evaluated outside any trace, a primitive compiles alone; under ``jax.disable_jit()`` it runs its
+formula op by op. :func:`as_lax` replaces every primitive of a function by its formula, for tools
+that interpret jaxprs. Every use of ``jax.interpreters`` lives in this file (their API changes
 between JAX releases; ``pyproject.toml`` pins the range tested).
 """
 
@@ -378,7 +389,7 @@ def _max_ids(window_argmax_formula):
     """The max ids alone of a ``(maxima, max ids)`` formula."""
 
     def rule(x, g, select):
-        return window_argmax_formula(x, g, select)[1]
+        return window_argmax_formula(jax.lax.stop_gradient(x), g, select)[1]
 
     return rule
 
@@ -444,9 +455,9 @@ def _eval_lax(jaxpr, consts, *args):
             outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(params))
             outs = outs if eqn.primitive.multiple_results else [outs]
         elif eqn.primitive.name in _INLINED:
-            (inner,) = [j for j in _jaxprs(params)]
-            closed = inner if isinstance(inner, jax.extend.core.ClosedJaxpr) else None
-            outs = _eval_lax(getattr(inner, "jaxpr", inner), closed.consts if closed else (), *invals)
+            (inner,) = _jaxprs(params)
+            consts = inner.consts if isinstance(inner, jax.extend.core.ClosedJaxpr) else ()
+            outs = _eval_lax(getattr(inner, "jaxpr", inner), consts, *invals)
         else:
             rewritten = {}
             for name, value in params.items():
