@@ -90,11 +90,12 @@ def _named_layer(op: str, model, layer: str):
 
 
 def _layer_output(model, layer: str, op: str):
-    """``(forward, target)``: ``forward(x)`` runs an eval-mode copy of ``model`` on ``x`` and returns the
-    output of its layer named ``layer`` at that layer's first call (intercepted as ``summary`` does)."""
+    """``(forward, state)``: ``forward(state, x)`` runs an eval-mode copy of ``model`` on ``x`` and returns
+    the output of its layer named ``layer`` at that layer's first call (intercepted as ``summary``
+    does). The weights are an argument, so that a jitted ``forward`` does not fold them in as constants."""
     graphdef, state = nnx.split(model)
 
-    def forward(x):
+    def forward(state, x):
         module = nnx.merge(graphdef, state)
         module.eval()
         target = _named_layer(op, module, layer)
@@ -105,7 +106,7 @@ def _layer_output(model, layer: str, op: str):
             raise ValueError(f"{op}: layer {layer!r} is not called when the model runs")
         return outputs[0]
 
-    return forward
+    return forward, state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +147,8 @@ def feature_maps(model, x, layer: str) -> FeatureMaps:
     """
     op = "feature_maps"
     x = _images(op, x)
-    return FeatureMaps(layer, np.asarray(jax.jit(_layer_output(model, layer, op))(x)))
+    forward, state = _layer_output(model, layer, op)
+    return FeatureMaps(layer, np.asarray(jax.jit(forward)(state, x)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,9 +227,8 @@ class EffectiveReceptiveField(_Picture):
         )
         ax.set_xlim(-0.5, self.erf.shape[1] - 0.5)
         ax.set_ylim(self.erf.shape[0] - 0.5, -0.5)
-        ax.set_title(
-            f"ERF of {self.layer} unit {self.unit}; theoretical RF {self.size[0]}x{self.size[1]} (box)", fontsize=9
-        )
+        size = "x".join(map(str, self.size))
+        ax.set_title(f"ERF of {self.layer}, unit {self.unit}\ntheoretical receptive field {size} (box)", fontsize=9)
         return figure
 
 
@@ -250,12 +251,12 @@ def effective_receptive_field(model, x, layer: str) -> EffectiveReceptiveField:
     """
     op = "effective_receptive_field"
     x = _images(op, x)
-    forward = _layer_output(model, layer, op)
-    out = jax.eval_shape(forward, x)
+    forward, state = _layer_output(model, layer, op)
+    out = jax.eval_shape(forward, state, x)
     if len(out.shape) != 4:
         raise ValueError(f"{op}: layer {layer!r} output has shape {out.shape}, not (N, H, W, C): no spatial unit")
     unit = (out.shape[1] // 2, out.shape[2] // 2)
-    gradient = jax.jit(jax.grad(lambda x: forward(x)[:, unit[0], unit[1], :].sum()))(x)
+    gradient = jax.jit(jax.grad(lambda x, state: forward(state, x)[:, unit[0], unit[1], :].sum()))(x, state)
     erf = np.asarray(jnp.abs(gradient).sum(axis=(0, 3)))
     row = next(r for r in analysis.summary(model, jax.ShapeDtypeStruct(x.shape, x.dtype)).rows if r.name == layer)
     if row.receptive_field is None:
@@ -306,20 +307,20 @@ def saliency(model, x, classes=None) -> Saliency:
     x = _images(op, x)
     graphdef, state = nnx.split(model)
 
-    def logits(x):
+    def logits(state, x):
         module = nnx.merge(graphdef, state)
         module.eval()
         return module(x)
 
-    out = jax.eval_shape(logits, x)
+    out = jax.eval_shape(logits, state, x)
     if len(out.shape) != 2:
         raise ValueError(f"{op}: the model must return logits (N, num_classes), got shape {out.shape}")
     if classes is None:
-        classes = jnp.argmax(jax.jit(logits)(x), axis=-1)
+        classes = jnp.argmax(jax.jit(logits)(state, x), axis=-1)
     classes = jnp.asarray(classes)
     if classes.shape != (x.shape[0],) or not jnp.issubdtype(classes.dtype, jnp.integer):
         raise ValueError(f"{op}: classes must be ({x.shape[0]},) ints, one per example, got {classes!r}")
-    chosen = lambda x: jnp.take_along_axis(logits(x), classes[:, None], axis=-1).sum()
-    gradient = jax.jit(jax.grad(chosen))(x)
+    chosen = lambda x, state: jnp.take_along_axis(logits(state, x), classes[:, None], axis=-1).sum()
+    gradient = jax.jit(jax.grad(chosen))(x, state)
     maps = np.asarray(jnp.abs((gradient * x).sum(axis=-1)))
     return Saliency(np.asarray(x), maps, np.asarray(classes))
