@@ -167,7 +167,14 @@ def main(argv: list[str] | None = None) -> int:
 def explain(model, images: np.ndarray, paths, labels, classes, directory: Path) -> list[Path]:
     """Write ``directory/<stem>_saliency.png`` per image (``<stem>_<i>`` where two images share a
     stem): the image beside the gradient x input saliency of its class in ``classes``, titled with
-    ``labels``; returns the paths written."""
+    ``labels``; returns the paths written.
+
+    >>> import tempfile
+    >>> model, images = models.LeNet5(rngs=nnx.Rngs(0)), np.ones((2, 28, 28, 1), np.float32)
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     [p.name for p in explain(model, images, ["a/x.png", "b/x.png"], ["one", "two"], [1, 2], Path(tmp))]
+    ['x_0_saliency.png', 'x_1_saliency.png']
+    """
     from cnnjax import visualize
 
     directory.mkdir(parents=True, exist_ok=True)

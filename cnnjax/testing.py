@@ -197,11 +197,10 @@ def conv_geometries(rank=None, layout=None, depthwise=None, transposed=False):
     caller = "conv_geometries"
     st = _hypothesis(caller)
     ranks, layouts = _layout_and_rank(caller, rank, layout)
-    for name, value in (("depthwise", depthwise), ("transposed", transposed)):
-        if value is not None and not isinstance(value, bool):
-            raise TypeError(f"{caller}: {name}={value!r} must be a bool" + (" or None" if name == "depthwise" else ""))
-    if transposed is None:
-        raise TypeError(f"{caller}: transposed=None must be a bool")
+    if depthwise is not None and not isinstance(depthwise, bool):
+        raise TypeError(f"{caller}: depthwise={depthwise!r} must be a bool or None")
+    if not isinstance(transposed, bool):
+        raise TypeError(f"{caller}: transposed={transposed!r} must be a bool")
 
     @st.composite
     def geometries(draw):

@@ -57,9 +57,6 @@ def _figure(rows: int, cols: int, cell: float = 1.4) -> tuple[Figure, np.ndarray
 class _Picture:
     """``save`` for results whose ``plot`` returns a figure."""
 
-    def plot(self, **kwargs) -> Figure:
-        raise NotImplementedError
-
     def save(self, path, *, dpi: int = 100, **plot_kwargs) -> Path:
         """Write ``self.plot(**plot_kwargs)`` to ``path`` (format by its suffix, PNG for ``.png``); returns the path."""
         path = Path(path)
