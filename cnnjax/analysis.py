@@ -373,6 +373,14 @@ _COSTS: dict[type, Callable] = {
 }
 
 
+def _counted_layers(module) -> dict[str, nnx.Module]:
+    """The layers ``summary`` records, by the names it prints: their attribute paths in ``module``
+    (``"features.0"``), or the class name for a module that is itself one layer."""
+    return {
+        ".".join(map(str, path)) or type(m).__name__: m for path, m in nnx.iter_modules(module) if _cost_function(m)
+    }
+
+
 def _cost_function(layer) -> Callable | None:
     """The cost rule of the layer's class, or of its nearest base class (subclasses of the layers); ``None``
     for modules that are not counted layers (containers, activations, a model's own blocks)."""
@@ -462,9 +470,10 @@ class _FieldTracker:
 
 @dataclasses.dataclass(frozen=True)
 class LayerRow:
-    """One recorded layer call. ``flops``/``macs`` are per example; ``receptive_field`` and
-    ``jump`` have one entry per spatial dim (``None`` for layers that are not conv or pool, or
-    where the field is not defined)."""
+    """One recorded layer call. ``flops``/``macs`` are per example; ``receptive_field``, ``jump``
+    and ``start`` (the centre of the first output's field, in input pixels, which may be negative
+    with padding) have one entry per spatial dim (``None`` for layers that are not conv or pool,
+    or where the field is not defined)."""
 
     name: str
     type: str
@@ -474,6 +483,7 @@ class LayerRow:
     macs: int
     receptive_field: tuple[int, ...] | None
     jump: tuple[int, ...] | None
+    start: tuple[float, ...] | None = None
 
 
 def _per_dim(values) -> str:
@@ -566,8 +576,8 @@ def summary(model, x, *args, **kwargs) -> Summary:
     def forward(state, x):
         module = nnx.merge(graphdef, state)
         module.eval()  # inference costs; a training-mode BatchNorm would also slow the trace down
-        layers = [(path, m) for path, m in nnx.iter_modules(module) if _cost_function(m)]
-        names = {id(m): ".".join(map(str, path)) or type(m).__name__ for path, m in layers}
+        layers = _counted_layers(module)
+        names = {id(m): name for name, m in layers.items()}
         tracker = _FieldTracker(x)
 
         def record(layer, layer_x, layer_y):
@@ -587,10 +597,11 @@ def summary(model, x, *args, **kwargs) -> Summary:
                     macs=cost.macs,
                     receptive_field=None if fields is None else tuple(f.size for f in fields),
                     jump=None if fields is None else tuple(f.jump for f in fields),
+                    start=None if fields is None else tuple(f.start for f in fields),
                 )
             )
 
-        with _recording_calls([m for _, m in layers], record):
+        with _recording_calls(list(layers.values()), record):
             module(x, *args, **kwargs)
 
     jax.eval_shape(forward, state, x)

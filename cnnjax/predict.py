@@ -8,7 +8,9 @@ preprocessed as torchvision's ImageNet evaluation does (:func:`preprocess`). The
 (``torch.save`` ``.pth``/``.pt`` or ``.safetensors``) is read without PyTorch by
 :func:`cnnjax.models.load_torch_weights`, into a model built abstractly (no random init).
 ``--model googlenet`` is built with ``transform_input=True``, as torchvision's pretrained
-GoogLeNet. A missing or unreadable image, or weights that do not fit the model (another
+GoogLeNet. ``--explain DIR`` also writes, per image, ``DIR/<name>_saliency.png``: the image and
+its top-1 class's gradient x input saliency side by side (:func:`cnnjax.visualize.saliency`).
+A missing or unreadable image, or weights that do not fit the model (another
 architecture), print one line naming the problem and exit 1; bad arguments exit 2.
 """
 
@@ -18,6 +20,7 @@ import argparse
 import functools
 import sys
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
 from flax import nnx
@@ -120,7 +123,7 @@ def top5(model, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """``cnnjax-predict``'s arguments: ``--model``, ``--weights`` and one or more images."""
+    """``cnnjax-predict``'s arguments: ``--model``, ``--weights``, ``--explain`` and one or more images."""
     parser = argparse.ArgumentParser(
         prog="cnnjax-predict",
         description="Top-5 ImageNet classes of images, with torchvision's weights in a cnnjax model.",
@@ -128,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, choices=sorted(MODELS), help="torchvision's model name")
     parser.add_argument(
         "--weights", required=True, help="torchvision weights: a .pth/.pt (torch.save) or .safetensors file"
+    )
+    parser.add_argument(
+        "--explain",
+        metavar="DIR",
+        help="also write DIR/<image name>_saliency.png: each image beside its top-1 gradient x input saliency",
     )
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files Pillow can read (JPEG, PNG, ...)")
     return parser
@@ -151,7 +159,32 @@ def main(argv: list[str] | None = None) -> int:
         print(path)
         for p, c in zip(p_row, c_row, strict=True):
             print(f"  {100 * p:6.2f}%  {names[c]}")
+    if args.explain is not None:
+        explain(model, images, args.images, [names[c] for c in classes[:, 0]], classes[:, 0], Path(args.explain))
     return 0
+
+
+def explain(model, images: np.ndarray, paths, labels, classes, directory: Path) -> list[Path]:
+    """Write ``directory/<stem>_saliency.png`` per image (``<stem>_<i>`` where two images share a
+    stem): the image beside the gradient x input saliency of its class in ``classes``, titled with
+    ``labels``; returns the paths written.
+
+    >>> import tempfile
+    >>> model, images = models.LeNet5(rngs=nnx.Rngs(0)), np.ones((2, 28, 28, 1), np.float32)
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     [p.name for p in explain(model, images, ["a/x.png", "b/x.png"], ["one", "two"], [1, 2], Path(tmp))]
+    ['x_0_saliency.png', 'x_1_saliency.png']
+    """
+    from cnnjax import visualize
+
+    directory.mkdir(parents=True, exist_ok=True)
+    result = visualize.saliency(model, images, classes)
+    stems = [Path(path).stem for path in paths]
+    written = []
+    for i, (stem, label) in enumerate(zip(stems, labels, strict=True)):
+        name = stem if stems.count(stem) == 1 else f"{stem}_{i}"
+        written.append(result.save(directory / f"{name}_saliency.png", example=i, title=f"top-1: {label}"))
+    return written
 
 
 if __name__ == "__main__":

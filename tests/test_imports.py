@@ -1,7 +1,8 @@
 """Data flows one way through the package (STYLE.md's layout): ``shapes`` imports nothing of ours,
 the ops never import the layers, the layers never import analysis, the models never import
-training or data code (nor optax or Grain). Read from the source (every ``import`` statement,
-also those inside functions), so a lazy import cannot hide a cycle."""
+training or data code (nor optax or Grain), ``testing`` builds on the ops alone, and only the
+application (training, ``predict``, ``visualize``) imports matplotlib. Read from the source (every
+``import`` statement, also those inside functions), so a lazy import cannot hide a cycle."""
 
 import ast
 from pathlib import Path
@@ -14,8 +15,9 @@ OPS = ("_canon", "_cpu", "_primitives", "backprop", "convolution", "functional",
 LAYERS = ("nn",)
 ANALYSIS = ("analysis",)
 MODELS = ("models",)
-TRAINING = ("data", "pipeline", "train", "predict", "_bench")
-ABOVE_OPS = (*LAYERS, *ANALYSIS, *MODELS, *TRAINING)
+TESTING = ("testing",)
+TRAINING = ("data", "pipeline", "train", "predict", "visualize", "_bench")
+ABOVE_OPS = (*LAYERS, *ANALYSIS, *MODELS, *TESTING, *TRAINING)
 
 
 def _module_name(path: Path) -> str:
@@ -60,11 +62,12 @@ def _imports_of(pieces) -> dict[str, set[str]]:
     [
         (("shapes",), ("cnnjax", *OPS, *ABOVE_OPS)),
         (OPS, ABOVE_OPS),
-        (LAYERS, (*ANALYSIS, *MODELS, *TRAINING)),
-        (ANALYSIS, (*MODELS, *TRAINING)),
-        (MODELS, (*ANALYSIS, *TRAINING)),
+        (LAYERS, (*ANALYSIS, *MODELS, *TESTING, *TRAINING)),
+        (ANALYSIS, (*MODELS, *TESTING, *TRAINING)),
+        (MODELS, (*ANALYSIS, *TESTING, *TRAINING)),
+        (TESTING, ABOVE_OPS),
     ],
-    ids=["shapes imports nothing of ours", "ops", "layers", "analysis", "models"],
+    ids=["shapes imports nothing of ours", "ops", "layers", "analysis", "models", "testing"],
 )
 def test_lower_layers_never_import_higher_ones(importers, forbidden):
     if importers == ("shapes",):  # every module of ours is forbidden there: the list must be complete
@@ -78,6 +81,12 @@ def test_lower_layers_never_import_higher_ones(importers, forbidden):
 def test_models_never_import_optimizers_or_data_pipelines():
     outside = {"optax", "grain", "orbax"}
     bad = {f: sorted(i & outside) for f, i in _imports_of(MODELS).items() if i & outside}
+    assert not bad
+
+
+def test_only_the_application_imports_matplotlib():
+    below = ("shapes", *OPS, *LAYERS, *ANALYSIS, *MODELS, *TESTING)
+    bad = {f: sorted(i & {"matplotlib"}) for f, i in _imports_of(below).items() if "matplotlib" in i}
     assert not bad
 
 

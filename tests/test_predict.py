@@ -137,3 +137,18 @@ def test_runs_as_a_module(tmp_path):
     )
     assert result.returncode == 1
     assert result.stderr.strip() == f"cnnjax-predict: image {tmp_path / 'x.jpg'}: no such file"
+
+
+def test_explain_writes_each_images_saliency_beside_it(tmp_path, capsys, mobilenet_weights):
+    _, weights = mobilenet_weights
+    paths = [tmp_path / "a" / "cat.jpg", tmp_path / "b" / "cat.png", tmp_path / "dog.png"]
+    for seed, path in enumerate(paths):
+        path.parent.mkdir(exist_ok=True)
+        random_image(seed, 240, 240).save(path)
+    out = tmp_path / "explained"
+    assert main(["--model", "mobilenet_v2", "--weights", str(weights), "--explain", str(out), *map(str, paths)]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3 * 6  # the top-5 lists are printed as without --explain
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["cat_0_saliency.png", "cat_1_saliency.png", "dog_saliency.png"]
+    for name in written:
+        assert (out / name).read_bytes()[:4] == b"\x89PNG" and (out / name).stat().st_size > 1000

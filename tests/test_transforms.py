@@ -4,8 +4,9 @@ In the style of jax's ``tests/lax_autodiff_test.py``: for each op (conv, conv_tr
 depthwise_conv, max_pool, avg_pool), geometry drawn at random with hypothesis, every transform of
 the default ``impl="auto"`` (on CPU: the primitives lowered to ``cnnjax._cpu``'s schedules) and of
 ``impl="closed_form"`` (the formulas) is compared with JAX's own autodiff of lax (``impl="lax"``);
-then the same for ``LeNet5`` and ``resnet18(small_input=True)``. Sharding, ``shard_map`` and
-``jax.export`` run in a subprocess with 4 CPU devices.
+then the same for ``LeNet5`` and ``resnet18(small_input=True)``. Finite differences use
+``cnnjax.testing``'s strategies and ``check_op``, as a user's property test would. Sharding,
+``shard_map`` and ``jax.export`` run in a subprocess with 4 CPU devices.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from jax.test_util import check_grads
 
 from cnnjax import avg_pool as avg_pool_op
 from cnnjax import conv, conv_transpose, depthwise_conv, max_pool, models, nn
+from cnnjax.testing import check_op, conv_geometries, pool_geometries
 
 IMPLS = ("auto", "closed_form")
 OPS = ("conv", "conv_transpose", "depthwise_conv", "max_pool", "avg_pool")
@@ -176,11 +178,19 @@ def test_higher_order(case, impl):
 
 
 @settings(max_examples=6)
-@given(cases(), st.sampled_from(IMPLS))
-def test_check_grads_second_order_both_modes(case, impl):
-    op, geometry, shapes = case
-    args = inputs(shapes, dtype=jnp.float64 if jax.config.jax_enable_x64 else jnp.float32, distinct=True)
-    check_grads(jax.jit(op_fn(op, geometry, impl)), args, order=2, modes=("fwd", "rev"), eps=1e-2, atol=5e-2, rtol=5e-2)
+@given(
+    st.one_of(
+        conv_geometries(rank=1),
+        conv_geometries(rank=2, transposed=True),
+        pool_geometries("max", rank=2),
+        pool_geometries("avg", rank=1),
+    ),
+    st.sampled_from(IMPLS),
+)
+def test_check_grads_second_order_both_modes(geometry, impl):
+    """``cnnjax.testing.check_op``: finite differences to second order in both modes, and ``impl="lax"``'s
+    values and derivatives, at geometries with the edge cases (batch 0, unbatched, ceil_mode, ...)."""
+    check_op(functools.partial(geometry.function, impl=impl), geometry, reference="lax")
 
 
 def test_check_grads_in_float64():

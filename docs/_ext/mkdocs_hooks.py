@@ -27,6 +27,8 @@ PUBLIC_MODULES = (
     "cnnjax.pipeline",
     "cnnjax.train",
     "cnnjax.predict",
+    "cnnjax.visualize",
+    "cnnjax.testing",
 )
 
 log = get_plugin_logger("reference")
