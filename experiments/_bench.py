@@ -1,9 +1,9 @@
 """What the benchmark scripts of ``experiments/`` share, and the HLO comparison ``tests/test_hlo.py`` uses.
 
-Private: not part of cnnjax's API. It lives in the package, not in ``experiments/``, so that every
-script imports it as ``from cnnjax import _bench`` (no path set-up, whichever directory a script
-runs from) and the tests never import ``experiments/``. It imports nothing else of cnnjax, and
-PyTorch only inside the functions that set it up (:func:`import_torch`, :func:`torch_runtime`):
+Not part of the cnnjax package. A script imports it as ``import _bench`` (Python puts the
+script's own directory first on ``sys.path``, whichever directory it runs from); the tests find
+it through pytest's ``pythonpath`` setting (``pyproject.toml``). It imports nothing of cnnjax,
+and PyTorch only inside the functions that set it up (:func:`import_torch`, :func:`torch_runtime`):
 a torch-free run, and the tests, never load it. PyTorch's set-up lives here rather than beside the
 twins in ``experiments/torch_models.py`` because ``bench_layers.py`` and ``bench_backprop.py``
 need it without the twins, and importing the twins loads PyTorch.

@@ -8,9 +8,9 @@ to the notes' formulas) and ``impl="auto"`` (the same primitives lowered to this
 schedules: on CPU ``cnnjax._cpu``), and PyTorch's ``forward`` + ``backward`` on the same
 shapes in its default NCHW layout and in ``channels_last`` (the NHWC memory layout cnnjax uses),
 with as many threads as JAX's CPU backend: one per core this process may use, or ``--threads N``
-(the process pinned to N cores, ``cnnjax._bench.pin_threads``). Every function is warmed up
+(the process pinned to N cores, ``_bench.pin_threads``). Every function is warmed up
 (compiled) first; then all five are timed in one round-robin, ``--rounds`` samples each of at
-least ``--min-sample-ms``, with ``cnnjax._bench.Timer`` (the timer of every benchmark script: a
+least ``--min-sample-ms``, with ``_bench.Timer`` (the timer of every benchmark script: a
 short pause before every sample, so that neither framework's spinning worker threads slow the
 other's next call), and the medians are reported: a busy machine slows all of them alike. Ratios
 are ``auto`` against ``lax`` and against PyTorch.
@@ -37,11 +37,12 @@ import dataclasses
 import functools
 import time
 
+import _bench
 import jax
 import numpy as np
+from _bench import Timer, cotangent, fmt, jax_step, ratio, vjp_fn
 
-from cnnjax import _bench, _primitives
-from cnnjax._bench import Timer, cotangent, fmt, jax_step, ratio, vjp_fn
+from cnnjax import _primitives
 from cnnjax._canon import Layout, conv_geometry
 from cnnjax.convolution import conv
 from cnnjax.pooling import avg_pool, max_pool

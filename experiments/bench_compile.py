@@ -20,10 +20,11 @@ import argparse
 import statistics
 import time
 
+import _bench
 import jax
 import jax.numpy as jnp
 
-from cnnjax import _bench, avg_pool, conv, depthwise_conv, max_pool
+from cnnjax import avg_pool, conv, depthwise_conv, max_pool
 
 IMPLS = ("auto", "closed_form", "lax")
 BATCH, SIZE, CHANNELS = 8, 40, 16

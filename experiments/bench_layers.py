@@ -16,9 +16,9 @@ inputs, compiled and warmed up, then all variants of a row are timed in turn, ``
 times, and the medians reported, so a busy machine slows all of them alike. A timed sample is
 as many back-to-back calls as fill ``--min-sample-ms``, each ending in ``block_until_ready`` (and
 ``torch.cuda.synchronize`` on a GPU), after a 30 ms pause that lets the other framework's
-spinning threads go idle (``cnnjax._bench.Timer``).
+spinning threads go idle (``_bench.Timer``).
 
-Threads, GPU (``cnnjax._bench.start_suite``): ``--threads N`` (default: every core this process
+Threads, GPU (``_bench.start_suite``): ``--threads N`` (default: every core this process
 may use) pins the whole process to N cores before JAX starts its CPU client and gives PyTorch N
 threads. On a GPU, PyTorch runs on CUDA with ``cudnn.benchmark`` and ``channels_last`` tensors
 (cnnjax is NHWC throughout), both frameworks use TF32 for float32, and JAX preallocates only 45%
@@ -30,12 +30,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 
+import _bench
 import jax
 import jax.numpy as jnp
+from _bench import Timer, TorchRuntime, cotangent, jax_step, random_inputs, ratio, vjp_fn
 from flax import nnx
 
-from cnnjax import _bench, nn
-from cnnjax._bench import Timer, TorchRuntime, cotangent, jax_step, random_inputs, ratio, vjp_fn
+from cnnjax import nn
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,7 +9,7 @@ Run (from the repository root, on an otherwise idle machine; the same command on
 ``cnnjax.conv``, ``conv_transpose``, ``max_pool``, ``avg_pool`` against the bare
 ``lax.conv_general_dilated`` / ``lax.conv_transpose`` / ``lax.reduce_window`` call they wrap,
 forward and forward+backward, every ratio ``cnnjax time / lax time`` (below 1: cnnjax is
-faster); whether the forward compiles to the same optimized HLO (``cnnjax._bench.normalize_hlo``,
+faster); whether the forward compiles to the same optimized HLO (``_bench.normalize_hlo``,
 also used by ``tests/test_hlo.py``); and the noise floor: the ratio of two compilations of the
 bare call, timed alike. cnnjax runs with its default ``impl="auto"``: its primitives, whose
 backward pass is the notes' closed forms, lowered on CPU to the schedules of ``cnnjax._cpu``.
@@ -22,8 +22,8 @@ variants of a row are timed in turn and the medians reported, so a busy machine 
 them alike; the rows are cheap and get three times ``--rounds`` (21 by default), since telling a
 1.02 ratio from noise needs them. A timed sample is as many back-to-back calls as fill
 ``--min-sample-ms``, each ending in ``block_until_ready``, after a 30 ms pause
-(``cnnjax._bench.Timer``). ``--threads N`` pins the process to N cores before JAX starts its CPU
-client (``cnnjax._bench.start_suite``).
+(``_bench.Timer``). ``--threads N`` pins the process to N cores before JAX starts its CPU
+client (``_bench.start_suite``).
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 
+import _bench
 import jax
 import jax.numpy as jnp
+from _bench import Timer, cotangent, hlo_diff, jax_step, normalize_hlo, random_inputs, ratio, vjp_fn
 from jax import lax
 
-from cnnjax import _bench
-from cnnjax._bench import Timer, cotangent, hlo_diff, jax_step, normalize_hlo, random_inputs, ratio, vjp_fn
 from cnnjax.convolution import conv, conv_transpose
 from cnnjax.pooling import avg_pool, max_pool
 

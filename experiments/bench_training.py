@@ -22,9 +22,9 @@ Method: every step is warmed up, then the two are timed in turn, ``--rounds`` ti
 medians reported, so a busy machine slows both alike. A timed sample is as many back-to-back
 steps as fill ``--min-sample-ms``, each ending in ``block_until_ready`` (and
 ``torch.cuda.synchronize`` on a GPU), after a 30 ms pause that lets the other framework's
-spinning threads go idle (``cnnjax._bench.Timer``).
+spinning threads go idle (``_bench.Timer``).
 
-Threads (``cnnjax._bench.start_suite``): ``--threads N`` (default: every core this process may
+Threads (``_bench.start_suite``): ``--threads N`` (default: every core this process may
 use) pins the whole process to N cores before JAX starts its CPU client, whose thread pool is
 sized from that mask, and sets ``torch.set_num_threads(N)``, so both frameworks get the same
 cores. JAX has no per-call thread setting: the count is fixed for the process.
@@ -44,13 +44,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 
+import _bench
 import jax
 import jax.numpy as jnp
 import optax
+from _bench import Timer, TorchRuntime, jax_step, random_inputs, ratio
 from flax import nnx
 
-from cnnjax import _bench, models
-from cnnjax._bench import Timer, TorchRuntime, jax_step, random_inputs, ratio
+from cnnjax import models
 from cnnjax.analysis import count_params, summary
 from cnnjax.train import init_train_state, make_train_step
 

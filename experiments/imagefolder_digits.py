@@ -7,7 +7,7 @@ Run (CPU, about a minute on 2 cores; prints one table):
     python experiments/imagefolder_digits.py
     python experiments/imagefolder_digits.py --workers 2 --epochs 15 --keep digits_folder
 
-The folder holds the 1438 training and 359 test digits of :func:`cnnjax.data.load_digits`
+The folder holds the 1438 training and 359 test digits of :func:`cnnjax.train.data.load_digits`
 (28x28, quantized to 8-bit grayscale PNGs) as ``train/<digit>/<index>.png`` and
 ``val/<digit>/<index>.png``; both runs train LeNet-5 with Adam (lr 3e-3), batch 16, seed 0, the
 same data order. The two accuracies differ only through the 8-bit quantization of the PNGs.
@@ -24,9 +24,10 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from cnnjax.data import load_digits, load_imagefolder
 from cnnjax.models import LeNet5
-from cnnjax.train import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, fit
+from cnnjax.train import Recipe, fit
+from cnnjax.train.cli import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR
+from cnnjax.train.data import load_digits, load_imagefolder
 
 
 def write_digits_folder(root: str, size: int = 28) -> tuple[int, int]:
@@ -47,12 +48,11 @@ def train_lenet(train, test, *, epochs: int, workers: int) -> tuple[float, float
     start = time.perf_counter()
     history = fit(
         LeNet5(rngs=nnx.Rngs(0)),
-        "adam",
+        Recipe("adam", DEFAULT_LR),
         train,
         test,
         epochs=epochs,
         batch_size=DEFAULT_BATCH_SIZE,
-        learning_rate=DEFAULT_LR,
         workers=workers,
         progress=False,
     )

@@ -19,9 +19,10 @@ import optax
 from flax import nnx
 from matplotlib.figure import Figure
 
-from cnnjax.data import load_digits
 from cnnjax.models import LeNet5
-from cnnjax.train import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, draw_history, fit
+from cnnjax.train import draw_history, fit
+from cnnjax.train.cli import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR
+from cnnjax.train.data import load_digits
 
 
 def first_layer(model: LeNet5, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

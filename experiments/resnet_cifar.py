@@ -25,9 +25,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from cnnjax.data import load_cifar10
 from cnnjax.models import resnet18
 from cnnjax.train import fit, plot_history
+from cnnjax.train.data import load_cifar10
 
 SMOKE_TRAIN, SMOKE_TEST, SMOKE_BATCH = 64, 32, 16
 

@@ -1,4 +1,4 @@
-"""The pictures of docs/visualize.md, with ``cnnjax.visualize``: LeNet-5 trained on the embedded digits
+"""The pictures of docs/visualize.md, with ``cnnjax.train.visualize``: LeNet-5 trained on the embedded digits
 (its conv1 filters, conv2's feature maps of a test digit, conv2's effective receptive field, a
 saliency map) and a randomly initialized ResNet-18 at 224x224 (the ERF of a unit of its third stage).
 
@@ -17,10 +17,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from cnnjax import visualize
-from cnnjax.data import load_digits
 from cnnjax.models import LeNet5, resnet18
-from cnnjax.train import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, fit
+from cnnjax.train import fit, visualize
+from cnnjax.train.cli import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR
+from cnnjax.train.data import load_digits
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""cnnjax.data: file readers round-trip tiny files written here, every corruption names its file,
+"""cnnjax.train.data: file readers round-trip tiny files written here, every corruption names its file,
 image folders list and decode what torchvision's ImageFolder would and refuse unusable trees
 before training, the embedded digits split is fixed, and batching is deterministic."""
 
@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from cnnjax.data import (
+from cnnjax.train.data import (
     _MNIST_FILES,
     ArraySource,
     ImageFolder,

@@ -2,7 +2,7 @@
 same optimized HLO as the bare lax call a user would write (names, metadata and schedule aside).
 
 The regression guard of the overhead rows of ``experiments/bench_overhead.py``, without timing;
-both compare programs with ``cnnjax._bench.normalize_hlo``. Each forward is compiled under every
+both compare programs with ``_bench.normalize_hlo``. Each forward is compiled under every
 ``impl=`` whose forward is meant to be lax's: ``"lax"`` (JAX's autodiff) always, and
 ``"closed_form"`` (cnnjax's primitives lowered to the notes' formulas) for convs and average
 pools; ``"auto"`` (the primitives lowered to the CPU schedules) where the schedule's forward is
@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _bench import hlo_diff, normalize_hlo, vjp_fn
 from jax import lax
 
-from cnnjax._bench import hlo_diff, normalize_hlo, vjp_fn
 from cnnjax.convolution import conv, conv_transpose
 from cnnjax.pooling import avg_pool, max_pool
 

@@ -1,10 +1,13 @@
-"""Data flows one way through the package (STYLE.md's layout): ``shapes`` imports nothing of ours,
+"""Data flows one way through the package (docs/development.md): ``shapes`` imports nothing of ours,
 the ops never import the layers, the layers never import analysis, the models never import
 training or data code (nor optax or Grain), ``testing`` builds on the ops alone, and only the
-application (training, ``predict``, ``visualize``) imports matplotlib. Read from the source (every
+application (``cnnjax.train``) imports optax, Orbax, Grain, Pillow, matplotlib, scikit-learn or
+tqdm, which a fresh interpreter importing the library checks too. Read from the source (every
 ``import`` statement, also those inside functions), so a lazy import cannot hide a cycle."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +19,7 @@ LAYERS = ("nn",)
 ANALYSIS = ("analysis",)
 MODELS = ("models",)
 TESTING = ("testing",)
-TRAINING = ("data", "pipeline", "train", "predict", "visualize", "_bench")
+TRAINING = ("train", "visualize")
 ABOVE_OPS = (*LAYERS, *ANALYSIS, *MODELS, *TESTING, *TRAINING)
 
 
@@ -88,6 +91,30 @@ def test_only_the_application_imports_matplotlib():
     below = ("shapes", *OPS, *LAYERS, *ANALYSIS, *MODELS, *TESTING)
     bad = {f: sorted(i & {"matplotlib"}) for f, i in _imports_of(below).items() if "matplotlib" in i}
     assert not bad
+
+
+LIBRARY = ("shapes", *OPS, *LAYERS, *ANALYSIS, *MODELS, *TESTING)
+APPLICATION_ONLY = {"grain", "PIL", "matplotlib", "sklearn", "tqdm", "optax", "orbax"}
+
+
+def test_the_library_never_imports_the_applications_dependencies():
+    bad = {f: sorted(i & APPLICATION_ONLY) for f, i in _imports_of(LIBRARY).items() if i & APPLICATION_ONLY}
+    assert not bad
+
+
+def test_importing_the_library_loads_none_of_the_applications_dependencies():
+    """In a fresh interpreter: the library's modules, the weight readers included, and a layer's
+    call load none of Grain, Pillow, matplotlib, scikit-learn or tqdm (``pip install cnnjax``
+    does not install them)."""
+    script = (
+        "import sys, jax.numpy as jnp, flax.nnx as nnx\n"
+        "import cnnjax, cnnjax.nn, cnnjax.models, cnnjax.models.torch_weights, cnnjax.analysis, cnnjax.init\n"
+        "cnnjax.nn.Conv(1, 2, (3, 3), rngs=nnx.Rngs(0))(jnp.ones((1, 8, 8, 1)))\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'grain', 'PIL', 'matplotlib', 'sklearn', 'tqdm'}))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 def test_the_checker_sees_imports_inside_functions(tmp_path):

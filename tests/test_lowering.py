@@ -21,10 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _bench import vjp_fn
 from jax import lax
 
 import cnnjax
-from cnnjax._bench import vjp_fn
 
 PLATFORMS = ("cuda", "rocm", "tpu")
 HEAVY = ("convolution", "reduce_window", "select_and_scatter", "scatter", "gather", "pad", "reverse", "transpose")

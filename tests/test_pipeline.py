@@ -1,4 +1,4 @@
-"""cnnjax.pipeline: the Grain graph's batches are NumPy's epoch orders, process shards and resumed
+"""cnnjax.train.pipeline: the Grain graph's batches are NumPy's epoch orders, process shards and resumed
 runs see exactly the batches of one uninterrupted process, augmentations are what they say, and
 worker processes give the same batches while holding at most batches_in_flight of them."""
 
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnnjax.data import ArraySource, ImageFolder, batches, load_imagefolder
-from cnnjax.pipeline import (
+from cnnjax.train.data import ArraySource, ImageFolder, batches, load_imagefolder
+from cnnjax.train.pipeline import (
     FLIP_CROP_PAD,
     DrawAugmentation,
     batches_in_flight,
@@ -45,7 +45,7 @@ def assert_same_batches(a, b) -> None:
 
 
 def test_run_is_each_epochs_order_then_every_eval_example():
-    """Training batches are cnnjax.data.batches' (seed, epoch) orders, the remainder dropped;
+    """Training batches are cnnjax.train.data.batches' (seed, epoch) orders, the remainder dropped;
     evaluation is every example in order, the last batch padded and masked."""
     x, y = arrays(23)
     xe, ye = arrays(7, seed=1)

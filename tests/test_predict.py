@@ -1,4 +1,4 @@
-"""Tests for ``cnnjax-predict`` (``cnnjax.predict``): preprocessing, top-5 output, errors and exit codes.
+"""Tests for ``cnnjax-predict`` (``cnnjax.train.predict``): preprocessing, top-5 output, errors and exit codes.
 
 The end-to-end run uses MobileNet v2 (the smallest preset) with a PyTorch twin's random weights
 in a ``.safetensors`` file, and checks the printed classes and probabilities against the twin's
@@ -20,7 +20,7 @@ from PIL import Image
 
 from cnnjax.models._blocks import IMAGENET_MEAN, IMAGENET_STD
 from cnnjax.models.mobilenet_v2 import INVERTED_RESIDUALS
-from cnnjax.predict import imagenet_classes, main, preprocess
+from cnnjax.train.predict import imagenet_classes, main, preprocess
 
 
 def random_image(seed: int, width: int, height: int) -> Image.Image:
@@ -130,7 +130,16 @@ def test_bad_arguments_exit_2(capsys):
 
 def test_runs_as_a_module(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "cnnjax.predict", "--model", "resnet18", "--weights", "w.pth", str(tmp_path / "x.jpg")],
+        [
+            sys.executable,
+            "-m",
+            "cnnjax.train.predict",
+            "--model",
+            "resnet18",
+            "--weights",
+            "w.pth",
+            str(tmp_path / "x.jpg"),
+        ],
         capture_output=True,
         text=True,
         timeout=120,

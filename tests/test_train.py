@@ -22,12 +22,11 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-import cnnjax.train as train_module
-from cnnjax.data import ArraySource, load_digits
-from cnnjax.pipeline import eval_batches
 from cnnjax.train import (
     CheckpointError,
     History,
+    Recipe,
+    TrainError,
     cross_entropy,
     evaluate,
     fit,
@@ -38,6 +37,10 @@ from cnnjax.train import (
     make_optimizer,
     make_train_step,
 )
+from cnnjax.train import cli as cli_module
+from cnnjax.train import loop as loop_module
+from cnnjax.train.data import ArraySource, load_digits
+from cnnjax.train.pipeline import eval_batches
 
 EPOCHS = 3
 BATCH = 32
@@ -295,7 +298,7 @@ def test_progress_lines_without_a_terminal(capsys):
 
 def test_progress_bar_on_a_terminal(capsys, monkeypatch):
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
-    monkeypatch.setattr(train_module, "_PROGRESS_EVERY", 2)
+    monkeypatch.setattr(loop_module, "_PROGRESS_EVERY", 2)
     run_tiny(epochs=1, progress=True)
     out = capsys.readouterr().out
     assert "epoch 1/1:" in out and "step" in out and re.search(r"loss \d\.\d{4}, \d+ img/s", out)
@@ -306,7 +309,7 @@ def test_resume_after_interruption_is_bit_for_bit(reference, tmp_path, monkeypat
     """Stop a 3-epoch run as epoch k+1 begins; a fresh process-like resume (a model built from
     another seed) must end with exactly the uninterrupted run's variables and history."""
     directory = tmp_path / "checkpoints"
-    train_epoch, calls = train_module._train_epoch, []
+    train_epoch, calls = loop_module._train_epoch, []
 
     def interrupted(*args):
         if len(calls) == interrupt_after:
@@ -314,7 +317,7 @@ def test_resume_after_interruption_is_bit_for_bit(reference, tmp_path, monkeypat
         calls.append(1)
         return train_epoch(*args)
 
-    monkeypatch.setattr(train_module, "_train_epoch", interrupted)
+    monkeypatch.setattr(loop_module, "_train_epoch", interrupted)
     model = TinyNet(rngs=nnx.Rngs(0))
     train, test = tiny_data()
     with pytest.raises(KeyboardInterrupt):
@@ -332,7 +335,7 @@ def test_resume_after_interruption_is_bit_for_bit(reference, tmp_path, monkeypat
         f"epoch_{k}" for k in range(max(1, interrupt_after - 1), interrupt_after + 1)
     ]
     assert model(test[0]).shape == (70, 10)  # the interrupted model holds the last completed epoch
-    monkeypatch.setattr(train_module, "_train_epoch", train_epoch)
+    monkeypatch.setattr(loop_module, "_train_epoch", train_epoch)
 
     resumed, history = run_tiny(init_seed=7, checkpoint_dir=directory, resume=True)
     assert capsys.readouterr().out == ""  # progress=False prints nothing
@@ -340,22 +343,16 @@ def test_resume_after_interruption_is_bit_for_bit(reference, tmp_path, monkeypat
     assert history == reference[1]
 
 
-RECIPE = {
-    "learning_rate": 1e-2,
-    "schedule": "cosine",
-    "warmup_epochs": 1,
-    "weight_decay": 1e-3,
-    "augment": "flip-crop",
-    "label_smoothing": 0.1,
-}
+RECIPE = Recipe("adam", 1e-2, schedule="cosine", warmup_epochs=1, weight_decay=1e-3)
+CHOICES = {"augment": "flip-crop", "label_smoothing": 0.1}
 
 
 def run_recipe(init_seed: int = 0, **kwargs):
-    """run_tiny with the recipe options and the optimizer by name."""
+    """run_tiny with a Recipe and the data and loss options."""
     model = TinyNet(rngs=nnx.Rngs(init_seed))
     train, test = tiny_data()
-    options = {"epochs": EPOCHS, "batch_size": BATCH, "progress": False, **RECIPE, **kwargs}
-    return model, fit(model, "adam", train, test, **options)
+    options = {"epochs": EPOCHS, "batch_size": BATCH, "progress": False, **CHOICES, **kwargs}
+    return model, fit(model, RECIPE, train, test, **options)
 
 
 def read_log(directory) -> list[dict]:
@@ -377,7 +374,7 @@ def test_recipe_run_logs_every_epoch_and_resumes_bit_for_bit(tmp_path, monkeypat
     assert [line["learning_rate"] for line in log] == pytest.approx([float(rate(k * steps - 1)) for k in (1, 2, 3)])
     assert all(line["images_per_second"] > 0 and line["epoch_time"] > 0 and line["wall_time"] > 1.7e9 for line in log)
 
-    train_epoch, calls = train_module._train_epoch, []
+    train_epoch, calls = loop_module._train_epoch, []
 
     def interrupted(*args):
         if len(calls) == 2:
@@ -385,10 +382,10 @@ def test_recipe_run_logs_every_epoch_and_resumes_bit_for_bit(tmp_path, monkeypat
         calls.append(1)
         return train_epoch(*args)
 
-    monkeypatch.setattr(train_module, "_train_epoch", interrupted)
+    monkeypatch.setattr(loop_module, "_train_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_recipe(checkpoint_dir=tmp_path / "cut", log_dir=tmp_path / "cut_log")
-    monkeypatch.setattr(train_module, "_train_epoch", train_epoch)
+    monkeypatch.setattr(loop_module, "_train_epoch", train_epoch)
     shutil.rmtree(tmp_path / "cut" / "epoch_2")  # as if the run had died while saving epoch 2
     with open(tmp_path / "cut_log" / "metrics.jsonl", "a") as f:
         f.write('{"epoch": 3, "train_lo')
@@ -536,18 +533,21 @@ def test_existing_checkpoints_are_never_overwritten(reference, tmp_path):
         ({"dtype": "float16"}, ValueError, "fit: dtype='float16' must be one of float32, bfloat16"),
         ({"label_smoothing": 1.0}, ValueError, "fit: label_smoothing=1.0 must be a number in [0, 1)"),
         ({"workers": -1}, ValueError, "fit: workers=-1 must be >= 0"),
-        ({"schedule": "linear"}, ValueError, "fit: schedule='linear' must be one of constant, cosine, step"),
-        ({"warmup_epochs": 1}, ValueError, "fit: warmup_epochs=1 must be less than epochs=1"),
-        ({"weight_decay": -0.1}, ValueError, "fit: weight_decay=-0.1 must be a finite number >= 0"),
-        ({"optimizer": "lbfgs"}, ValueError, "fit: optimizer='lbfgs' must be one of adam, adamw, momentum, sgd"),
-        ({"optimizer": "adam"}, ValueError, "fit: optimizer='adam' needs learning_rate, a finite number > 0, got None"),
-        ({"optimizer": optax.adam}, TypeError, "fit: optimizer must be an optax GradientTransformation or a name"),
         (
-            {"schedule": "cosine"},
-            ValueError,
-            "fit: schedule='cosine' needs the optimizer by name (e.g. 'adam'); a GradientTransformation carries",
+            {"optimizer": "adam"},
+            TypeError,
+            "fit: optimizer must be an optax GradientTransformation or a cnnjax.train.Recipe, got str (for a name, pass Recipe('adam', learning_rate))",
         ),
-        ({"weight_decay": 0.1}, ValueError, "fit: weight_decay=0.1 needs the optimizer by name"),
+        (
+            {"optimizer": optax.adam},
+            TypeError,
+            "fit: optimizer must be an optax GradientTransformation or a cnnjax.train.Recipe",
+        ),
+        (
+            {"optimizer": Recipe("sgd", 0.1, warmup_epochs=1)},
+            TrainError,
+            "Recipe: warmup_epochs=1 must be less than epochs=1",
+        ),
     ],
 )
 def test_fit_rejects_bad_arguments(kwargs, error, message):
@@ -556,6 +556,38 @@ def test_fit_rejects_bad_arguments(kwargs, error, message):
     optimizer = options.pop("optimizer", optax.adam(1e-2))
     with pytest.raises(error, match=re.escape(message)):
         fit(TinyNet(rngs=nnx.Rngs(0)), optimizer, options.pop("train_data"), options.pop("eval_data"), **options)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"optimizer": "lbfgs"}, "Recipe: optimizer='lbfgs' must be one of adam, adamw, momentum, sgd"),
+        ({"learning_rate": 0}, "Recipe: learning_rate=0 must be a finite number > 0"),
+        ({"schedule": "linear"}, "Recipe: schedule='linear' must be one of constant, cosine, step"),
+        ({"warmup_epochs": -1}, "Recipe: warmup_epochs=-1 must be an integer >= 0"),
+        ({"weight_decay": -0.1}, "Recipe: weight_decay=-0.1 must be a finite number >= 0"),
+    ],
+)
+def test_recipe_rejects_bad_values(kwargs, message):
+    with pytest.raises(TrainError, match=re.escape(message)):
+        Recipe(**{"optimizer": "adam", "learning_rate": 1e-3, **kwargs})
+
+
+def test_a_second_fit_of_the_same_model_and_optimizer_does_not_recompile():
+    """The steps are cached per model structure and optimizer: a second fit (another model of the
+    same structure, the same optimizer object or an equal recipe) traces nothing."""
+    traces = []
+    listener = lambda event, duration, **kwargs: traces.append(event) if event.endswith("trace_duration") else None
+    train, test = tiny_data()
+    for optimizer in (optax.adam(1e-2), Recipe("momentum", 0.1, schedule="cosine")):
+        options = {"epochs": 1, "batch_size": BATCH, "progress": False}
+        fit(TinyNet(rngs=nnx.Rngs(0)), optimizer, train, test, **options)
+        jax.monitoring.register_event_duration_secs_listener(listener)
+        try:
+            fit(TinyNet(rngs=nnx.Rngs(1)), optimizer, train, test, **options)
+        finally:
+            jax.monitoring.unregister_event_duration_listener(listener)
+        assert traces == [], traces
 
 
 def data_parallel_run():
@@ -661,12 +693,12 @@ def run_cli(argv: list[str], *, processes: int, devices: int, timeout: float = 3
 def restored_state(checkpoints) -> list[np.ndarray]:
     """The variables of the last checkpoint in ``checkpoints``, restored in this 1-device process
     by a resumed fit that has no epoch left to train."""
-    model = train_module.MODELS["lenet5"](num_classes=10, in_features=1, input_size=12, rngs=nnx.Rngs(0))
-    options = {"weight_decay": 1e-3, "augment": "flip-crop", "label_smoothing": 0.1, "learning_rate": 0.3}
+    model = cli_module.MODELS["lenet5"](num_classes=10, in_features=1, input_size=12, rngs=nnx.Rngs(0))
+    options = {"augment": "flip-crop", "label_smoothing": 0.1}
     train, _ = load_digits(12)
     fit(
         model,
-        "momentum",
+        Recipe("momentum", 0.3, weight_decay=1e-3),
         train,
         None,
         epochs=2,
@@ -709,9 +741,7 @@ def test_two_processes_equal_one_process_of_four_devices_and_resume_across_proce
     assert [line["epoch"] for line in logs["two"]] == [line["epoch"] for line in logs["one"]] == [1, 2]
     for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "learning_rate"):
         np.testing.assert_allclose([x[key] for x in logs["two"]], [x[key] for x in logs["one"]], rtol=1e-5)
-    initial = state_arrays(
-        train_module.MODELS["lenet5"](num_classes=10, in_features=1, input_size=12, rngs=nnx.Rngs(5))
-    )
+    initial = state_arrays(cli_module.MODELS["lenet5"](num_classes=10, in_features=1, input_size=12, rngs=nnx.Rngs(5)))
     final = restored_state(two / "ckpt")
     assert not np.allclose(final[0], initial[0])  # trained
     for a, b in zip(final, restored_state(one / "ckpt"), strict=True):
@@ -720,8 +750,8 @@ def test_two_processes_equal_one_process_of_four_devices_and_resume_across_proce
 
 @pytest.mark.parametrize("name", ["lenet5", "resnet18"])  # the two ways a registry entry is built
 def test_model_registry_builds_for_small_images(name):
-    assert {"lenet5", "resnet18", "vgg11", "mobilenet_v1"} <= set(train_module.MODELS)
-    build = train_module.MODELS[name]
+    assert {"lenet5", "resnet18", "vgg11", "mobilenet_v1"} <= set(cli_module.MODELS)
+    build = cli_module.MODELS[name]
     model = nnx.eval_shape(lambda: build(num_classes=10, in_features=3, input_size=32, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
     logits = jax.eval_shape(lambda s: nnx.merge(graphdef, s)(jnp.zeros((2, 32, 32, 3))), state)
@@ -752,7 +782,7 @@ def test_model_registry_builds_for_small_images(name):
         (["--weight-decay", "-1"], "argument --weight-decay: must be a number in [0, inf), got '-1'"),
         (["--weight-decay", "inf"], "argument --weight-decay: must be a number in [0, inf), got 'inf'"),
         (["--warmup-epochs", "-1"], "argument --warmup-epochs: must be an integer >= 0"),
-        (["--warmup-epochs", "15"], "--warmup-epochs 15 must be less than --epochs 15"),
+        (["--warmup-epochs", "15"], "warmup_epochs=15 must be less than epochs=15"),
         (["--workers", "-1"], "argument --workers: must be an integer >= 0"),
         (["--image-size", "0"], "argument --image-size: must be an integer >= 1"),
         (["--dataset", "imagefolder"], "--dataset imagefolder needs --data-dir"),
@@ -855,6 +885,17 @@ def test_cli_imagefolder_streams_with_a_worker_and_stops_on_an_unreadable_image(
     assert info.value.code == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"cnnjax-train: error: ImageFolder: cannot read {bad}: ")
+
+
+def test_cli_lets_a_bug_raise(monkeypatch):
+    """Only what the user gave (TrainError, OSError) becomes one line; a bug keeps its traceback."""
+
+    def broken(*args, **kwargs):
+        raise ValueError("a bug, not the user's")
+
+    monkeypatch.setattr(cli_module, "fit", broken)
+    with pytest.raises(ValueError, match="a bug, not the user's"):
+        main(["--epochs", "1", "--no-progress"])
 
 
 def test_cli_subprocess_error_has_no_traceback():

@@ -1,4 +1,4 @@
-"""Tests for ``cnnjax.visualize``: the numbers behind each picture, and that the PNGs are written.
+"""Tests for ``cnnjax.train.visualize``: the numbers behind each picture, and that the PNGs are written.
 
 An ERF of a single conv is exactly its kernel's support (and its values the kernel's magnitudes);
 a VGG block's theoretical box equals ``analysis.summary``'s receptive field; feature maps and
@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 
 from cnnjax import analysis, models, nn
-from cnnjax.visualize import effective_receptive_field, feature_maps, filters, saliency
+from cnnjax.train.visualize import effective_receptive_field, feature_maps, filters, saliency
 
 
 def _png_written(path) -> None:
@@ -61,7 +61,7 @@ def test_vgg_blocks_theoretical_box_is_analysis_receptive_field():
 
 @pytest.fixture(scope="module")
 def lenet_on_digits():
-    from cnnjax.data import load_digits
+    from cnnjax.train.data import load_digits
 
     (x, _), _ = load_digits()
     return models.LeNet5(rngs=nnx.Rngs(0)), jnp.asarray(x[:3])

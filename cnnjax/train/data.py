@@ -4,9 +4,9 @@ image folders read lazily, and deterministic batching.
 Every array loader returns ``((x_train, y_train), (x_test, y_test))``: NHWC ``float32`` images
 scaled to ``[0, 1]`` and ``int32`` labels in ``0..9``. :func:`load_imagefolder` returns two
 :class:`ImageFolder` sources instead, which hold file names and labels and decode images only
-when :mod:`cnnjax.pipeline` asks for a batch. The readers never download anything and never
+when :mod:`cnnjax.train.pipeline` asks for a batch. The readers never download anything and never
 skip anything: a missing file raises ``FileNotFoundError`` and a corrupt one raises
-``ValueError``, both naming the file and what was expected.
+:class:`~cnnjax.train.errors.DataError` (a ``ValueError``), both naming the file and what was expected.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from cnnjax.shapes import check_positive
+from cnnjax.train.errors import DataError
 
 NUM_CLASSES = 10
 DIGITS_SPLIT_SEED = 0
@@ -182,7 +183,7 @@ def load_imagefolder(path, image_size: int = 224):
     train_classes, val_classes = (_class_folders(folder, op) for folder in folders)
     if train_classes != val_classes:
         missing, extra = sorted(set(train_classes) - set(val_classes)), sorted(set(val_classes) - set(train_classes))
-        raise ValueError(
+        raise DataError(
             f"{op}: the classes of {folders[1]} differ from those of {folders[0]}: missing {missing}, extra {extra}"
         )
     train = ImageFolder(folders[0], image_size)
@@ -215,13 +216,13 @@ class ImageFolder:
         self.root = _existing_dir(root, op)
         self.image_size = check_positive(image_size, "image_size", op)
         if mode not in (None, "L", "RGB"):
-            raise ValueError(f"{op}: mode must be None, 'L' or 'RGB', got {mode!r}")
+            raise DataError(f"{op}: mode must be None, 'L' or 'RGB', got {mode!r}")
         self.classes = _class_folders(self.root, op)
         names, labels = [], []
         for label, name in enumerate(self.classes):
             files = _image_files(os.path.join(self.root, name))
             if not files:
-                raise ValueError(
+                raise DataError(
                     f"{op}: class folder {os.path.join(self.root, name)} holds no image "
                     f"(files ending in {', '.join(IMAGE_EXTENSIONS)})"
                 )
@@ -259,7 +260,7 @@ class ImageFolder:
                     box = crop_box(None if crops is None else crops[row], *image.size)
                     image = image.resize((size, size), Image.Resampling.BILINEAR, box=box)
             except Exception as e:  # Pillow raises many types on damaged files; all mean the same here
-                raise ValueError(f"ImageFolder: cannot read {path}: {type(e).__name__}: {e}") from None
+                raise DataError(f"ImageFolder: cannot read {path}: {type(e).__name__}: {e}") from None
             x[row] = np.asarray(image).reshape(size, size, self.channels)
         return x, self.labels[indices]
 
@@ -269,11 +270,11 @@ class ImageFolder:
             with Image.open(path) as image:
                 return "L" if image.mode in _GRAYSCALE_MODES else "RGB"
         except Exception as e:  # as in read
-            raise ValueError(f"ImageFolder: cannot read {path}: {type(e).__name__}: {e}") from None
+            raise DataError(f"ImageFolder: cannot read {path}: {type(e).__name__}: {e}") from None
 
 
 class ArraySource:
-    """In-memory images as a :mod:`cnnjax.pipeline` source: ``x: (N, H, W, C)``, ``y: (N,)`` int.
+    """In-memory images as a :mod:`cnnjax.train.pipeline` source: ``x: (N, H, W, C)``, ``y: (N,)`` int.
 
     >>> x, y = ArraySource(np.arange(8.0).reshape(2, 2, 2, 1), np.array([3, 5])).read(np.array([1]))
     >>> x[0, ..., 0].tolist(), y.tolist()
@@ -335,7 +336,7 @@ def epoch_order(n: int, *, shuffle: bool, seed: int, epoch: int) -> np.ndarray:
 def crop_box(crop, width: int, height: int) -> tuple[float, float, float, float]:
     """The ``(left, top, right, bottom)`` box in pixels of a random-resized crop.
 
-    ``crop = (area, ratio, u, v)`` (:class:`cnnjax.pipeline.DrawAugmentation`): the box covers ``area`` of the
+    ``crop = (area, ratio, u, v)`` (:class:`cnnjax.train.pipeline.DrawAugmentation`): the box covers ``area`` of the
     ``width x height`` image with ``width / height = ratio``, each side clipped to the image
     (torchvision resamples up to 10 times instead), at the relative position ``(u, v)`` of the
     room left. ``crop=None``: the largest centred square (evaluation, and no augmentation).
@@ -384,7 +385,7 @@ def batches(
     seed = check_positive(seed, "seed", op, minimum=0)
     epoch = check_positive(epoch, "epoch", op, minimum=0)
     if len(x) != len(y):
-        raise ValueError(f"{op}: x and y must hold the same number of examples, got {len(x)} and {len(y)}")
+        raise DataError(f"{op}: x and y must hold the same number of examples, got {len(x)} and {len(y)}")
     n = len(x)
     order = epoch_order(n, shuffle=shuffle, seed=seed, epoch=epoch)
     starts = range(0, num_batches(n, batch_size, drop_remainder) * batch_size, batch_size)
@@ -419,7 +420,7 @@ def _load_idx_dataset(path, op: str):
         images_path, images = arrays[f"{kind}_images"]
         labels_path, labels = arrays[f"{kind}_labels"]
         if len(images) != len(labels):
-            raise ValueError(
+            raise DataError(
                 f"{op}: {images_path} holds {len(images)} images but {labels_path} holds {len(labels)} labels"
             )
         _check_labels(labels, labels_path, op)
@@ -427,7 +428,7 @@ def _load_idx_dataset(path, op: str):
 
     train, test = split("train"), split("test")
     if train[0].shape[1:] != test[0].shape[1:]:
-        raise ValueError(f"{op}: train images are {train[0].shape[1:3]} but test images are {test[0].shape[1:3]}")
+        raise DataError(f"{op}: train images are {train[0].shape[1:3]} but test images are {test[0].shape[1:3]}")
     return train, test
 
 
@@ -438,19 +439,19 @@ def _read_idx(path: str, magic: int, op: str) -> tuple[str, np.ndarray]:
     ndim = magic & 0xFF
     header_size = 4 * (1 + ndim)
     if len(content) < header_size:
-        raise ValueError(
+        raise DataError(
             f"{op}: {path} is truncated: {len(content)} bytes, shorter than its {header_size}-byte IDX header"
         )
     found = int.from_bytes(content[:4], "big")
     if found != magic:
-        raise ValueError(
+        raise DataError(
             f"{op}: {path} has magic number {found:#010x}, expected {magic:#010x} (unsigned bytes, {ndim}-D)"
         )
     shape = tuple(int(s) for s in np.frombuffer(content, ">u4", count=ndim, offset=4))
     expected, found_size = math.prod(shape), len(content) - header_size
     if found_size != expected:
         what = "is truncated" if found_size < expected else "has trailing data"
-        raise ValueError(
+        raise DataError(
             f"{op}: {path} {what}: its header says shape {shape} ({expected} bytes) but it holds {found_size} bytes"
         )
     return path, np.frombuffer(content, np.uint8, offset=header_size).reshape(shape)
@@ -464,7 +465,7 @@ def _read_bytes(path: str, op: str) -> bytes:
     try:
         return gzip.decompress(content)
     except (OSError, EOFError, zlib.error) as e:
-        raise ValueError(f"{op}: {path} is not a valid gzip file ({e})") from e
+        raise DataError(f"{op}: {path} is not a valid gzip file ({e})") from e
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -479,20 +480,20 @@ def _read_cifar_batch(path: str, op: str) -> tuple[np.ndarray, np.ndarray]:
         try:
             batch = _ArrayUnpickler(f, encoding="bytes").load()
         except Exception as e:  # pickle raises many types on corrupt input; all mean the same here
-            raise ValueError(f"{op}: {path} is not a readable CIFAR-10 pickle batch ({type(e).__name__}: {e})") from e
+            raise DataError(f"{op}: {path} is not a readable CIFAR-10 pickle batch ({type(e).__name__}: {e})") from e
     if not isinstance(batch, dict):
-        raise ValueError(f"{op}: {path} should hold a dict with 'data' and 'labels', found {type(batch).__name__}")
+        raise DataError(f"{op}: {path} should hold a dict with 'data' and 'labels', found {type(batch).__name__}")
     data = batch.get(b"data", batch.get("data"))
     labels = batch.get(b"labels", batch.get("labels"))
     if data is None or labels is None:
-        raise ValueError(f"{op}: {path} should hold 'data' and 'labels' entries, found keys {sorted(batch, key=str)}")
+        raise DataError(f"{op}: {path} should hold 'data' and 'labels' entries, found keys {sorted(batch, key=str)}")
     row = math.prod(_CIFAR_SHAPE)
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != row:
         shape, dtype = getattr(data, "shape", None), getattr(data, "dtype", type(data).__name__)
-        raise ValueError(f"{op}: {path}: 'data' should be uint8 of shape (N, {row}), found {dtype} of shape {shape}")
+        raise DataError(f"{op}: {path}: 'data' should be uint8 of shape (N, {row}), found {dtype} of shape {shape}")
     labels = np.asarray(labels)
     if labels.shape != (len(data),):
-        raise ValueError(f"{op}: {path} holds {len(data)} images but {labels.size} labels")
+        raise DataError(f"{op}: {path} holds {len(data)} images but {labels.size} labels")
     _check_labels(labels, path, op)
     images = data.reshape(-1, *_CIFAR_SHAPE).transpose(0, 2, 3, 1) / np.float32(255)
     return images, labels.astype(np.int32)
@@ -502,7 +503,7 @@ def _check_labels(labels: np.ndarray, path: str, op: str) -> None:
     if labels.size and not (
         np.issubdtype(labels.dtype, np.integer) and labels.min() >= 0 and labels.max() < NUM_CLASSES
     ):
-        raise ValueError(
+        raise DataError(
             f"{op}: {path}: labels must be integers in 0..{NUM_CLASSES - 1}, found {labels.dtype} in [{labels.min()}, {labels.max()}]"
         )
 
@@ -510,7 +511,7 @@ def _check_labels(labels: np.ndarray, path: str, op: str) -> None:
 def _class_folders(root: str, op: str) -> tuple[str, ...]:
     classes = tuple(sorted(entry.name for entry in os.scandir(root) if entry.is_dir()))
     if not classes:
-        raise ValueError(f"{op}: {root} holds no class folder (expected {os.path.join(root, '<class>')} folders)")
+        raise DataError(f"{op}: {root} holds no class folder (expected {os.path.join(root, '<class>')} folders)")
     return classes
 
 

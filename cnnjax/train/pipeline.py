@@ -1,7 +1,7 @@
 """The input pipeline: how examples reach the train and eval steps, as Grain datasets.
 
-Every dataset, in memory (:class:`cnnjax.data.ArraySource`) or streamed from image files
-(:class:`cnnjax.data.ImageFolder`), goes through the same Grain graph::
+Every dataset, in memory (:class:`cnnjax.train.data.ArraySource`) or streamed from image files
+(:class:`cnnjax.train.data.ImageFolder`), goes through the same Grain graph::
 
     MapDataset.range(global batches)       one element per global batch of the run: each epoch
                                               its training batches, then its evaluation ones
@@ -18,7 +18,7 @@ Every dataset, in memory (:class:`cnnjax.data.ArraySource`) or streamed from ima
 
 Elements are whole batches, not single examples: Grain's per-element cost (about 0.1 ms per
 example through its shuffle, measured on the 2-core machine) would otherwise add about 2 s to
-the 15 small epochs of ``cnnjax-train``; the order is NumPy's permutation of the epoch (the one :func:`cnnjax.data.batches` has always
+the 15 small epochs of ``cnnjax-train``; the order is NumPy's permutation of the epoch (the one :func:`cnnjax.train.data.batches` has always
 used), the batch a slice of it. Every random draw of an augmentation comes from Grain's
 per-element generator of the *global* batch (seeded by ``seed`` and the global step), and a
 process only keeps its rows of it: so the examples, their order within the global batch and
@@ -37,7 +37,7 @@ from __future__ import annotations
 import grain
 import numpy as np
 
-from cnnjax.data import epoch_order, num_batches
+from cnnjax.train.data import epoch_order, num_batches
 
 AUGMENTATIONS = ("none", "flip-crop", "random-resized-crop")
 FLIP_CROP_PAD = 4  # flip-crop: zero-pad 4 pixels, crop back at a random offset (CIFAR, He et al. 2016)
@@ -75,8 +75,8 @@ def run_batches(
     """Every batch of epochs ``first_epoch .. epochs - 1`` of a run, as one Grain ``IterDataset``.
 
     ``train``, ``evaluation``: sources (``len(source)`` examples, ``source.read(indices,
-    crops)``, see :class:`cnnjax.data.ArraySource`), either may be ``None``. Each epoch is
-    first the training batches: :func:`cnnjax.data.epoch_order` in global batches of
+    crops)``, see :class:`cnnjax.train.data.ArraySource`), either may be ``None``. Each epoch is
+    first the training batches: :func:`cnnjax.train.data.epoch_order` in global batches of
     ``batch_size``, the last ``n mod batch_size`` examples dropped so every step has one shape,
     with ``augment`` (``AUGMENTATIONS``); then the evaluation batches: every example in order,
     the last global batch padded. One dataset for the whole run keeps ``workers`` decoding
@@ -86,7 +86,7 @@ def run_batches(
     ``(x, y)``, ``x: (batch_size / P, H, W, C)`` float32 in ``[0, 1]``, ``y: (batch_size / P,)``
     int; evaluation ``(x, y, mask)``, ``mask: (batch_size / P,)`` float32, 0 for padding.
 
-    >>> from cnnjax.data import ArraySource
+    >>> from cnnjax.train.data import ArraySource
     >>> x = np.arange(5, dtype=np.float32).reshape(5, 1, 1, 1)
     >>> [b[1].tolist() for b in run_batches(ArraySource(x, np.arange(5)), ArraySource(x[:3], np.arange(3)), 2, epochs=2)]
     [[2, 4], [3, 0], [0, 1], [2, 0], [1, 4], [3, 0], [0, 1], [2, 0]]
@@ -111,7 +111,7 @@ def eval_batches(source, batch_size: int, *, workers: int = 0):
     """Every example of ``source`` once, in order: :func:`run_batches` without training, this
     process's ``(x, y, mask)`` rows of every global batch, the last one padded.
 
-    >>> from cnnjax.data import ArraySource
+    >>> from cnnjax.train.data import ArraySource
     >>> x = np.zeros((3, 1, 1, 1), np.float32)
     >>> [(y.tolist(), mask.tolist()) for _, y, mask in eval_batches(ArraySource(x, np.arange(3)), 2)]
     [([0, 1], [1.0, 1.0]), ([2, 0], [1.0, 0.0])]
@@ -156,7 +156,7 @@ class DrawAugmentation:
     ``(row, column)`` offset in the padded image, uniform in ``0 .. 2 * FLIP_CROP_PAD``.
     ``random-resized-crop``: ``flip`` and ``crop: (B, 4)``, each row the area fraction (uniform
     in ``CROP_AREA``), aspect ratio (log-uniform in ``CROP_RATIO``) and the box's relative
-    position (two uniforms in ``[0, 1)``), turned into a box by :func:`cnnjax.data.crop_box`."""
+    position (two uniforms in ``[0, 1)``), turned into a box by :func:`cnnjax.train.data.crop_box`."""
 
     def __init__(self, augment: str):
         self.augment = augment

@@ -2,14 +2,14 @@
 
     cnnjax-predict --model resnet50 --weights resnet50-0676ba61.pth cat.jpg dog.png
 
-(also ``python -m cnnjax.predict``) prints, for each image, its path and the five most likely of
+(also ``python -m cnnjax.train.predict``) prints, for each image, its path and the five most likely of
 ImageNet's 1000 classes with their probabilities. Images are decoded with Pillow and
 preprocessed as torchvision's ImageNet evaluation does (:func:`preprocess`). The weights file
 (``torch.save`` ``.pth``/``.pt`` or ``.safetensors``) is read without PyTorch by
 :func:`cnnjax.models.load_torch_weights`, into a model built abstractly (no random init).
 ``--model googlenet`` is built with ``transform_input=True``, as torchvision's pretrained
 GoogLeNet. ``--explain DIR`` also writes, per image, ``DIR/<name>_saliency.png``: the image and
-its top-1 class's gradient x input saliency side by side (:func:`cnnjax.visualize.saliency`).
+its top-1 class's gradient x input saliency side by side (:func:`cnnjax.train.visualize.saliency`).
 A missing or unreadable image, or weights that do not fit the model (another
 architecture), print one line naming the problem and exit 1; bad arguments exit 2.
 """
@@ -70,7 +70,7 @@ def imagenet_classes() -> list[str]:
     >>> len(names), names[0], names[207], names[999]
     (1000, 'tench', 'golden retriever', 'toilet tissue')
     """
-    text = resources.files("cnnjax").joinpath("imagenet_classes.txt").read_text(encoding="utf-8")
+    text = resources.files("cnnjax.train").joinpath("imagenet_classes.txt").read_text(encoding="utf-8")
     return text.splitlines()
 
 
@@ -175,7 +175,7 @@ def explain(model, images: np.ndarray, paths, labels, classes, directory: Path) 
     ...     [p.name for p in explain(model, images, ["a/x.png", "b/x.png"], ["one", "two"], [1, 2], Path(tmp))]
     ['x_0_saliency.png', 'x_1_saliency.png']
     """
-    from cnnjax import visualize
+    from cnnjax.train import visualize
 
     directory.mkdir(parents=True, exist_ok=True)
     result = visualize.saliency(model, images, classes)
