@@ -1,10 +1,10 @@
 """Parameter, FLOP and receptive-field accounting: the notes' counts, and a per-layer ``summary``.
 
-Counts are per example (notes 002 counts "one sample, no batch"). Conventions:
+Counts are per example, as the study notes count them (docs/analysis.md). Conventions:
 
-- FLOPs follow notes 002 ("FLOPS 和参数量的计算"): a multiply and an add are one FLOP each; a sum
+- FLOPs follow the notes' count (docs/analysis.md): a multiply and an add are one FLOP each; a sum
   of ``n`` products costs ``n`` multiplies and ``n - 1`` adds, plus one add for a bias.
-- MACs are multiply-accumulates (notes 002's ``Calculations(MAC)``), the unit of most published
+- MACs are multiply-accumulates (the notes' ``Calculations(MAC)``), the unit of most published
   model costs ("ResNet-50: 4.1 GFLOPs" counts MACs). With a bias, FLOPs = 2 * MACs.
 - Size arguments (``kernel_size``, ``output_size``, ``window``, ``input_size``) are an int or
   one int per spatial dim. An int is broadcast to the rank of the other size argument, and to
@@ -46,7 +46,7 @@ __all__ = [
     "summary",
 ]
 
-# notes 002, "激活层的FLOPs": ReLU is one comparison per element, sigmoid four operations.
+# docs/analysis.md: ReLU is one comparison per element, sigmoid four operations.
 ACTIVATION_FLOPS = {"relu": 1, "sigmoid": 4}
 """FLOPs per element of each activation :func:`activation_flops` knows."""
 
@@ -77,7 +77,7 @@ def _channels_per_group(in_channels, out_channels, groups, op: str) -> tuple[int
 def conv_params(in_channels: int, out_channels: int, kernel_size, bias: bool = True, groups: int = 1) -> int:
     """Trainable parameters of a conv layer: ``K*(C_in/g)*C_out + C_out`` (``K`` = prod of kernel dims).
 
-    notes 002, "卷积层的参数量": ``(k^2*C_in + 1)*C_out`` with bias, ``k^2*C_in*C_out`` without;
+    docs/analysis.md: ``(k^2*C_in + 1)*C_out`` with bias, ``k^2*C_in*C_out`` without;
     with ``groups`` each output channel sees ``C_in/g`` inputs. Independent of the input size.
 
     >>> conv_params(3, 64, 3), conv_params(3, 64, (3, 3), bias=False), conv_params(32, 32, 3, groups=32)
@@ -92,7 +92,7 @@ def conv_params(in_channels: int, out_channels: int, kernel_size, bias: bool = T
 def conv_macs(in_channels: int, out_channels: int, kernel_size, output_size, groups: int = 1) -> int:
     """Multiply-accumulates of a conv layer: ``K*(C_in/g)*H*W*C_out`` per example.
 
-    notes 002, "卷积公式和参数量": ``Calculations(MAC) = I*J*M*N*K*L`` (kernel ``I x J``, output
+    docs/analysis.md: ``Calculations(MAC) = I*J*M*N*K*L`` (kernel ``I x J``, output
     ``M x N``, ``K`` inputs, ``L`` outputs); with ``groups`` each output sees ``C_in/g`` inputs.
     Taps that fall on zero padding are counted (they are multiplied; XLA's cost model skips them).
     The note's compute-to-parameter ratio ``CPR = MACs / params = H*W`` (no bias) follows.
@@ -111,7 +111,7 @@ def conv_flops(
 ) -> int:
     """FLOPs of a conv layer per example: ``(2*C_in/g*K - 1)*H*W*C_out``, or ``2*C_in/g*K*H*W*C_out`` with bias.
 
-    notes 002, "卷积层的 FLOPs": each output is ``C_in/g*K`` multiplies and ``C_in/g*K - 1`` adds,
+    docs/analysis.md: each output is ``C_in/g*K`` multiplies and ``C_in/g*K - 1`` adds,
     plus one add for the bias; ``K`` = prod of kernel dims, ``H*W`` = prod of output dims. That is
     ``2 * conv_macs - H*W*C_out`` without bias. A depthwise conv is ``groups = in_channels``.
 
@@ -128,7 +128,7 @@ def conv_flops(
 def dense_params(in_features: int, out_features: int, bias: bool = True) -> int:
     """Trainable parameters of a fully connected layer: ``I*O + O`` with bias, ``I*O`` without.
 
-    notes 002 ("全连接层的参数量") writes ``I*O + 1`` with bias: a slip, there is one bias per
+    The study notes write ``I*O + 1`` with bias: a slip, there is one bias per
     output, so ``O`` of them (``torch.nn.Linear(I, O)`` and ``nnx.Linear`` hold ``I*O + O``).
 
     >>> dense_params(400, 120), dense_params(400, 120, bias=False)
@@ -141,7 +141,7 @@ def dense_params(in_features: int, out_features: int, bias: bool = True) -> int:
 
 
 def dense_macs(in_features: int, out_features: int) -> int:
-    """Multiply-accumulates of a fully connected layer: ``I*O`` (notes 002: ``Calculations(MAC) = V*D``, ``CPR = 1``).
+    """Multiply-accumulates of a fully connected layer: ``I*O`` (docs/analysis.md: ``Calculations(MAC) = V*D``, ``CPR = 1``).
 
     >>> dense_macs(400, 120)
     48000
@@ -151,7 +151,7 @@ def dense_macs(in_features: int, out_features: int) -> int:
 
 
 def dense_flops(in_features: int, out_features: int, bias: bool = True) -> int:
-    """FLOPs of a fully connected layer: ``(2I - 1)*O``, or ``2I*O`` with bias (notes 002, "全连接层的 FLOPs").
+    """FLOPs of a fully connected layer: ``(2I - 1)*O``, or ``2I*O`` with bias (docs/analysis.md).
 
     >>> dense_flops(400, 120, bias=False), dense_flops(400, 120)
     (95880, 96000)
@@ -163,7 +163,7 @@ def dense_flops(in_features: int, out_features: int, bias: bool = True) -> int:
 def pool_flops(window, output_size, channels: int) -> int:
     """FLOPs of a pooling layer: ``K*H_out*W_out*C`` (``K`` = prod of window dims), one per window tap.
 
-    notes 002, "一般池化": ``k^2*H_out*W_out*C_out`` (``C_out = C_in``). The same for max, average
+    docs/analysis.md: ``k^2*H_out*W_out*C_out`` (``C_out = C_in``). The same for max, average
     and LP pools. XLA counts ``K - 1`` per window (a reduction of ``K`` values).
 
     >>> pool_flops(2, 14, 6), pool_flops((3, 3), (56, 56), 64)
@@ -175,7 +175,7 @@ def pool_flops(window, output_size, channels: int) -> int:
 
 
 def global_pool_flops(input_size, channels: int) -> int:
-    """FLOPs of a global pool: ``H_in*W_in*C_in``, one per input value (notes 002, "全局池化").
+    """FLOPs of a global pool: ``H_in*W_in*C_in``, one per input value (docs/analysis.md).
 
     >>> global_pool_flops(7, 2048)
     100352
@@ -206,7 +206,7 @@ def adaptive_pool_flops(input_size, output_size, channels: int) -> int:
 def activation_flops(kind: str, size) -> int:
     """FLOPs of an elementwise activation over ``size`` values (an int, or a shape to multiply out).
 
-    notes 002, "激活层的FLOPs": ``relu`` costs 1 per element (a comparison), ``sigmoid`` 4
+    docs/analysis.md: ``relu`` costs 1 per element (a comparison), ``sigmoid`` 4
     (negate, exp, add, divide); see :data:`ACTIVATION_FLOPS`.
 
     >>> activation_flops("relu", (28, 28, 6)), activation_flops("sigmoid", 10)
@@ -310,7 +310,7 @@ def _depthwise_cost(m: nn.DepthwiseConv, x, y) -> _LayerCost:
 
 
 def _separable_cost(m: nn.SeparableConv, x, y) -> _LayerCost:
-    # notes 002, "深度可分离卷积的FLOPs": the depthwise part plus the 1x1 part (one bias, after it).
+    # docs/analysis.md: the depthwise part plus the 1x1 part (one bias, after it).
     mid, point = x[-1] * m.depth_multiplier, (1,) * len(m.kernel_size)
     return _LayerCost(
         conv_flops(x[-1], mid, m.kernel_size, y[1:-1], False, groups=x[-1])
@@ -503,7 +503,7 @@ class Summary:
     total_macs: int
 
     HEADER: ClassVar[str] = (
-        "FLOPs per example, notes 002's count: a multiply and an add are one FLOP each "
+        "FLOPs per example, the study notes' count: a multiply and an add are one FLOP each "
         "(conv (2*C_in/g*K - 1)*H*W*C_out, + H*W*C_out with bias; pools one per window tap; "
         "batch norm 2 per value; activations not counted).\n"
         "MACs: multiply-accumulates of conv and dense layers, the unit of most published costs. "
@@ -554,7 +554,7 @@ def summary(model, x, *args, **kwargs) -> Summary:
     counted. ``total_params`` is :func:`count_params` of the model (every ``nnx.Param`` once);
     ``total_flops``/``total_macs`` sum the rows.
 
-    Receptive field and jump (per spatial dim, notes 002's ``RF_prev = (RF - 1)*stride +
+    Receptive field and jump (per spatial dim, docs/geometry.md: ``RF_prev = (RF - 1)*stride +
     d*(k - 1) + 1`` via :func:`cnnjax.shapes.receptive_field`) are composed along the data flow:
     a layer's input is the output of an earlier recorded layer when it is that very array;
     otherwise (it went through an activation, a residual add or a concatenation) it is taken to

@@ -41,10 +41,10 @@ def conv_fans(shape, layout: str | None = None) -> tuple[int, int]:
 
 
 def xavier_uniform_conv(layout: str | None = None):
-    """Xavier/Glorot uniform init for conv kernels, as notes 000 states it.
+    """Xavier/Glorot uniform init for conv kernels, as the study notes state it (docs/layers.md).
 
-    ``W ~ U(-b, b)`` with ``b = sqrt(6 / (k_h*k_w*(C_in + C_out)))`` (notes 000, "Xavier
-    Initialization for CNNs": ``n_in = k_h*k_w*C_in``, ``n_out = k_h*k_w*C_out``,
+    ``W ~ U(-b, b)`` with ``b = sqrt(6 / (k_h*k_w*(C_in + C_out)))`` (docs/layers.md:
+    ``n_in = k_h*k_w*C_in``, ``n_out = k_h*k_w*C_out``,
     ``b = sqrt(6 / (n_in + n_out))``), so ``Var W = b^2/3 = 2 / (n_in + n_out)``. For 1-D and 3-D
     kernels ``k_h*k_w`` is the product of the window dims. Equal in distribution to
     ``nnx.initializers.glorot_uniform()`` and ``torch.nn.init.xavier_uniform_``.

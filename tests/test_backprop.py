@@ -8,6 +8,7 @@ use it as a derivative rule (the public ops with ``impl="closed_form"``: the for
 import functools
 import itertools
 
+import budget
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -160,7 +161,7 @@ CONV_KINDS = {
 }
 
 
-@settings(max_examples=50)
+@settings(max_examples=budget.examples(50))
 @given(geometries(), st.sampled_from(sorted(CONV_KINDS)), st.integers(0, 2**16))
 def test_conv_grads_equal_autodiff(geometry, kind, seed):
     layout, window, strides, dilation, padding, sizes = geometry
@@ -259,7 +260,7 @@ def numpy_max_pool_grad(x, dy, window, strides, pairs, dilation, layout):
     return dx if layout.channels_last else np.moveaxis(dx, -1, 1)
 
 
-@settings(max_examples=40)
+@settings(max_examples=budget.examples(40))
 @given(geometries(), st.booleans(), st.integers(0, 2**16))
 def test_max_pool_grad_routes_to_first_max(geometry, strided, seed):
     layout, window, strides, dilation, padding, sizes = geometry
@@ -313,7 +314,7 @@ def test_max_pool_ties_follow_xla_first_in_scan_order(window, strides):
     np.testing.assert_array_equal(max_pool_grad(x, dy, window, strides)[0, :, :, 0], expected)
 
 
-@settings(max_examples=30)
+@settings(max_examples=budget.examples(30))
 @given(geometries(), st.booleans(), st.booleans(), st.integers(0, 2**16))
 def test_avg_and_sum_pool_grads_equal_autodiff(geometry, strided, count_include_pad, seed):
     layout, window, strides, _, padding, sizes = geometry
@@ -441,7 +442,7 @@ def test_closed_form_composes_with_jit_and_vmap(impl):
 # Through the public ops: conv(..., impl=...), max_pool/avg_pool(..., impl=...).
 
 
-@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("seed", budget.seeds(8))
 @pytest.mark.parametrize("impl", CLOSED_FORMS)
 def test_public_conv_impls_agree(seed, impl):
     rng = np.random.default_rng(300 + seed)
@@ -484,7 +485,7 @@ def test_public_conv_impls_agree(seed, impl):
         assert_close(g, w, rtol=1e-4)
 
 
-@pytest.mark.parametrize("seed", range(16))
+@pytest.mark.parametrize("seed", budget.seeds(16))
 @pytest.mark.parametrize("impl", CLOSED_FORMS)
 def test_public_conv_transpose_impls_agree(seed, impl):
     # conv_transpose with a cnnjax primitive is the conv input-gradient primitive; its transposes
@@ -527,7 +528,7 @@ def test_public_conv_transpose_impls_agree(seed, impl):
         assert_close(g, w, rtol=1e-4)
 
 
-@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("seed", budget.seeds(8))
 @pytest.mark.parametrize("impl", CLOSED_FORMS)
 def test_public_pool_impls_agree(seed, impl):
     rng = np.random.default_rng(400 + seed)
@@ -645,7 +646,7 @@ def jitted(fn, *static, **kwargs):
     return jax.jit(lambda *arrays: fn(*arrays, *static, **kwargs))
 
 
-@pytest.mark.parametrize("seed", range(20))
+@pytest.mark.parametrize("seed", budget.seeds(20))
 def test_conv2d_grads_match_torch(seed):
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(100 + seed)
@@ -666,7 +667,7 @@ def test_conv2d_grads_match_torch(seed):
     assert_close(conv_bias_grad(jnp.asarray(dy), "NCHW"), bt.grad.numpy(), rtol=1e-4)
 
 
-@pytest.mark.parametrize("seed", range(20))
+@pytest.mark.parametrize("seed", budget.seeds(20))
 def test_pool2d_grads_match_torch(seed):
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(200 + seed)

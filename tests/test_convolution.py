@@ -4,6 +4,7 @@ conventions, input dilation, the separable variants, transformations, integers a
 import functools
 import re
 
+import budget
 import chex
 import jax
 import numpy as np
@@ -62,7 +63,7 @@ def _vjp_case(seed):
     return x, w, layout, geometry, rng
 
 
-@pytest.mark.parametrize("seed", range(48))
+@pytest.mark.parametrize("seed", budget.seeds(48))
 def test_conv_transpose_is_the_vjp_of_conv(seed):
     x, w, layout, geometry, rng = _vjp_case(seed)
     # the reference is JAX's own autodiff of conv (impl="lax"), not cnnjax.backprop's rules

@@ -5,6 +5,7 @@ kernel size, stride, dilation, padding (ints, per-dim ints, and "same"/"valid" w
 takes them), padding_mode, output_padding and bias. float32 throughout, rtol = atol = 1e-4.
 """
 
+import budget
 import numpy as np
 import pytest
 
@@ -60,7 +61,7 @@ def _conv_case(seed):
     return x, w, b, geometry, padding_mode
 
 
-@pytest.mark.parametrize("seed", range(60))
+@pytest.mark.parametrize("seed", budget.seeds(60))
 def test_conv_matches_torch_and_nhwc_matches_nchw(seed):
     x, w, b, geometry, padding_mode = _conv_case(seed)
     rank = x.ndim - 2
@@ -112,7 +113,7 @@ def _conv_transpose_case(seed):
     return x, w, b, stride, padding, output_padding, dilation, groups
 
 
-@pytest.mark.parametrize("seed", range(60))
+@pytest.mark.parametrize("seed", budget.seeds(60))
 def test_conv_transpose_matches_torch_and_nhwc_matches_nchw(seed):
     x, w, b, stride, padding, output_padding, dilation, groups = _conv_transpose_case(seed)
     rank = x.ndim - 2

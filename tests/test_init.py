@@ -3,6 +3,7 @@ layout converters; torch Conv/ConvTranspose weights loaded into cnnjax.nn reprod
 
 import math
 
+import budget
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -140,7 +141,7 @@ def _geometry(rng, rank):
     return groups, c_in, c_out, kernel, stride, dilation, padding
 
 
-@pytest.mark.parametrize("seed", range(40))
+@pytest.mark.parametrize("seed", budget.seeds(40))
 def test_torch_conv_weights_into_cnnjax_conv(torch, seed):
     rng = np.random.default_rng(seed)
     rank = (2, 2, 1, 3)[seed % 4]
@@ -161,7 +162,7 @@ def test_torch_conv_weights_into_cnnjax_conv(torch, seed):
     np.testing.assert_array_equal(init.to_torch_conv(layer.kernel[...]), reference.weight.detach().numpy())
 
 
-@pytest.mark.parametrize("seed", range(40))
+@pytest.mark.parametrize("seed", budget.seeds(40))
 def test_torch_conv_transpose_weights_into_cnnjax_conv_transpose(torch, seed):
     rng = np.random.default_rng(1000 + seed)
     rank = (2, 2, 1, 3)[seed % 4]

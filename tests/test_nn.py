@@ -1,6 +1,7 @@
 """cnnjax.nn: drop-in agreement with flax.nnx.Conv, each module equal to its functional op,
 parameter names and types, errors, the summary recorder hook, and training through the modules."""
 
+import budget
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,7 +60,7 @@ def _flax_conv_case(seed):
     return (c_in, c_out, kernel), options, (2, *spatial, c_in)
 
 
-@pytest.mark.parametrize("seed", range(40))
+@pytest.mark.parametrize("seed", budget.seeds(40))
 def test_conv_matches_flax_nnx_conv(seed):
     (c_in, c_out, kernel), options, x_shape = _flax_conv_case(seed)
     ours = _with_params(lambda: nn.Conv(c_in, c_out, kernel, rngs=nnx.Rngs(0), **options), seed)

@@ -4,6 +4,7 @@ import functools
 import itertools
 import math
 
+import budget
 import jax
 import numpy as np
 import pytest
@@ -247,7 +248,7 @@ def _every_window_holds_input(sizes, window, strides, pads, dilation, ceil_mode)
     return all(any(t is not None for t in taps) for _, taps in positions)
 
 
-@settings(max_examples=15)
+@settings(max_examples=budget.examples(15))
 @given(geometry=_pool_geometry(), dtype=st.sampled_from([np.float32, np.int32, np.int8]))
 def test_sum_min_max_pool_match_numpy(geometry, dtype):
     """All padding forms, dilation and ceil_mode, floats and integers (computed in their dtype)."""
@@ -274,7 +275,7 @@ def test_sum_min_max_pool_match_numpy(geometry, dtype):
         np.testing.assert_array_equal(y, expected)
 
 
-@settings(max_examples=10)
+@settings(max_examples=budget.examples(10))
 @given(geometry=_pool_geometry())
 def test_avg_pool_matches_numpy(geometry):
     """Asymmetric padding too (PyTorch has only symmetric): the divisor counts taps inside [-lo, n + hi)."""

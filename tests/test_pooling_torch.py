@@ -9,6 +9,7 @@ max_unpool) are used only to pick cases PyTorch accepts.
 
 import math
 
+import budget
 import jax
 import numpy as np
 import pytest
@@ -28,7 +29,7 @@ from cnnjax.shapes import pool_output_size
 torch = pytest.importorskip("torch", reason="PyTorch is the reference for these tests")
 F = torch.nn.functional
 
-CASES = 40
+CASES = len(budget.seeds(40))
 MAX_SIZE = {1: 10, 2: 7, 3: 5}
 RTOL, ATOL = 1e-5, 1e-5
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import sys
 
+import budget
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,7 +64,7 @@ def _expected_sizes(geometry: Geometry) -> tuple[int, ...]:
     )
 
 
-@settings(max_examples=150)
+@settings(max_examples=budget.examples(150))
 @given(ALL_GEOMETRIES)
 def test_every_drawn_call_is_valid_and_has_the_shapes_modules_output_size(geometry):
     out = jax.eval_shape(lambda *a: geometry.function(*a, **geometry.kwargs), *arrays_for(geometry))
@@ -74,7 +75,7 @@ def test_every_drawn_call_is_valid_and_has_the_shapes_modules_output_size(geomet
 def test_edge_cases_are_drawn():
     seen = set()
 
-    @settings(max_examples=300, database=None)
+    @settings(max_examples=300, database=None)  # a property of the strategies: not scaled
     @given(ALL_GEOMETRIES)
     def collect(g):
         kw, x = g.kwargs, g.shapes[0]
@@ -125,7 +126,7 @@ def test_edge_cases_are_drawn():
     ],
 )
 def test_arguments_restrict_what_is_drawn(strategy, op):
-    @settings(max_examples=10, database=None)
+    @settings(max_examples=budget.examples(10), database=None)
     @given(strategy)
     def check(g):
         assert g.op == op
@@ -137,19 +138,19 @@ def test_arguments_restrict_what_is_drawn(strategy, op):
 # Dogfood: every op, from the strategies, against finite differences and impl="lax" (few, small examples).
 
 
-@settings(max_examples=4)
+@settings(max_examples=budget.examples(4))
 @given(st.one_of(conv_geometries(rank=3), conv_geometries(rank=2, depthwise=True, transposed=True)))
 def test_check_op_passes_the_conv_ops(geometry):  # 1-D and 2-D: tests/test_transforms.py
     check_op(functools.partial(geometry.function, impl="auto"), geometry, reference="lax")
 
 
-@settings(max_examples=4)
+@settings(max_examples=budget.examples(4))
 @given(st.one_of(*[pool_geometries(kind, rank=2) for kind in POOL_KINDS]))
 def test_check_op_passes_the_pools(geometry):
     check_op(functools.partial(geometry.function, impl="closed_form"), geometry, reference="lax", order=1)
 
 
-@settings(max_examples=2)
+@settings(max_examples=budget.examples(2))
 @given(conv_geometries(rank=2, layout="NHWC"))
 def test_check_op_in_half_precision_against_the_reference(geometry):
     check_op(geometry.function, geometry, reference="lax", dtypes=(jnp.bfloat16, jnp.float16), order=1)

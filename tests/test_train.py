@@ -615,7 +615,11 @@ except ValueError as e:
 
 def test_four_devices_equal_one_device(tmp_path):
     out = str(tmp_path / "four.npz")
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    env = {
+        **os.environ,
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4",
+        "JAX_PLATFORMS": "cpu",
+    }
     script = _DEVICES_SCRIPT.format(tests=os.path.dirname(__file__), out=out)
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -666,7 +670,11 @@ def run_cli(argv: list[str], *, processes: int, devices: int, timeout: float = 3
     """``cnnjax-train argv`` in ``processes`` CPU processes of ``devices`` devices each, joined on
     127.0.0.1; returns each one's (exit status, stdout, stderr). Every process ends by itself
     or is killed at the timeout."""
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    env = {
+        **os.environ,
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}",
+        "JAX_PLATFORMS": "cpu",
+    }
     command = [sys.executable, "-c", _CLI_SCRIPT, *argv]
     commands = [command]
     if processes > 1:
@@ -848,10 +856,12 @@ def test_cli_unusable_data_or_checkpoints_exit_1_with_one_line(capsys, tmp_path,
 
 def test_cli_default_run_reaches_97_percent_then_resumes(tmp_path, capsys):
     """The README's command (defaults: LeNet-5 on the digits, 15 epochs) with a plot and
-    checkpoints, in a subprocess; then one more epoch resumed in-process."""
+    checkpoints, in a subprocess with XLA's default flags (as a user runs it: 15 epochs run longer
+    than they compile); then one more epoch resumed in-process."""
     plot, checkpoints = tmp_path / "curves.png", tmp_path / "ckpt"
     command = [sys.executable, "-m", "cnnjax.train", "--plot", str(plot), "--checkpoint-dir", str(checkpoints)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
+    env = {**os.environ, "XLA_FLAGS": os.environ.get("CNNJAX_TEST_USER_XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == 17 and lines[0].startswith("epoch  1/15: train loss") and lines[14].startswith("epoch 15/15:")

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 
+import budget
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -130,7 +131,7 @@ def first_order(f, args, tangents):
     return run(args, tangents)
 
 
-@settings(max_examples=8)
+@settings(max_examples=budget.examples(8))
 @given(cases(), st.sampled_from(IMPLS))
 def test_grad_vjp_jvp_linearize(case, impl):
     op, geometry, shapes = case
@@ -139,7 +140,7 @@ def test_grad_vjp_jvp_linearize(case, impl):
     assert_trees_close(got, first_order(op_fn(op, geometry, "lax"), args, tangents))
 
 
-@settings(max_examples=5)
+@settings(max_examples=budget.examples(5))
 @given(cases(), st.sampled_from(IMPLS))
 def test_jacfwd_jacrev(case, impl):
     op, geometry, shapes = case
@@ -167,7 +168,7 @@ def higher_order(f, args):
     return jax.jit(lambda *a: (jax.hessian(loss)(*a), jax.jacfwd(jax.grad(loss))(*a), third_order(*a)))(*args)
 
 
-@settings(max_examples=5)
+@settings(max_examples=budget.examples(5))
 @given(cases(), st.sampled_from(IMPLS))
 def test_higher_order(case, impl):
     op, geometry, shapes = case
@@ -177,7 +178,7 @@ def test_higher_order(case, impl):
     )
 
 
-@settings(max_examples=6)
+@settings(max_examples=budget.examples(6))
 @given(
     st.one_of(
         conv_geometries(rank=1),
@@ -222,7 +223,7 @@ def vmapped(f, x, kernel):
     return run(x, kernel)
 
 
-@settings(max_examples=6)
+@settings(max_examples=budget.examples(6))
 @given(cases(ops=("conv", "conv_transpose", "depthwise_conv")), st.sampled_from(IMPLS))
 def test_vmap_per_example_gradients_and_stacked_kernels(case, impl):
     op, geometry, shapes = case
@@ -477,7 +478,11 @@ SHARDED_SCRIPT = textwrap.dedent(
 
 
 def test_sharding_shard_map_and_export_on_4_devices():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    env = {
+        **os.environ,
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4",
+        "JAX_PLATFORMS": "cpu",
+    }
     result = subprocess.run(
         [sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True, text=True, timeout=600
     )

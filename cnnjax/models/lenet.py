@@ -1,4 +1,4 @@
-"""LeNet-5 as in the notes (note 000): sigmoid activations and average pooling, 28x28 inputs."""
+"""LeNet-5 as in the study notes (docs/models.md): sigmoid activations and average pooling, 28x28 inputs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from cnnjax import nn
 from cnnjax.models._blocks import check_images, check_model_args, flatten
 from cnnjax.shapes import check_positive, conv_output_size, pool_output_size
 
-# notes 000, Xavier for conv: U(+-sqrt(6 / (k_h*k_w*(C_in + C_out)))); jax's xavier_uniform uses
+# docs/layers.md, Xavier for conv: U(+-sqrt(6 / (k_h*k_w*(C_in + C_out)))); jax's xavier_uniform uses
 # fan_in = k_h*k_w*C_in and fan_out = k_h*k_w*C_out on HWIO kernels, which is that bound.
 _xavier = nnx.initializers.xavier_uniform()
 
@@ -17,7 +17,7 @@ _xavier = nnx.initializers.xavier_uniform()
 class LeNet5(nnx.Module):
     """LeNet-5 (LeCun et al. 1998) in the notes' (d2l's) form: sigmoid and average pooling.
 
-    Layers (note 000): conv 5x5 -> 6 (padding 2), sigmoid, avg-pool 2; conv 5x5 -> 16, sigmoid,
+    Layers (docs/models.md): conv 5x5 -> 6 (padding 2), sigmoid, avg-pool 2; conv 5x5 -> 16, sigmoid,
     avg-pool 2; dense 120, sigmoid; dense 84, sigmoid; dense ``num_classes``. Padding 2 lets a
     28x28 digit play the role of the original 32x32 input. Kernels use the notes' Xavier-uniform
     init, biases start at zero.

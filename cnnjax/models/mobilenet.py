@@ -37,7 +37,7 @@ def depthwise_separable(in_features: int, out_features: int, strides: int = 1, *
     """3x3 depthwise conv (padding 1, ``strides``) -> BN -> ReLU -> 1x1 conv -> BN -> ReLU.
 
     Parameters: ``9 * C_in`` + ``C_in * C_out`` weights (no biases) and two BatchNorms, against
-    ``9 * C_in * C_out`` for a full 3x3 conv (notes 002, depthwise-separable conv).
+    ``9 * C_in * C_out`` for a full 3x3 conv (docs/convolutions.md).
     ``x: (N, H, W, in_features)`` -> ``(N, ceil(H / strides), ceil(W / strides), out_features)``.
 
     >>> import jax.numpy as jnp
