@@ -58,6 +58,7 @@ def test_every_op_and_gradient_runs_eagerly_and_equals_jit(op, impl):
     ],
     ids=["LeNet5", "resnet18"],
 )
+@pytest.mark.slow
 def test_zoo_models_run_eagerly_and_through_as_lax(build, shape):
     model = build()
     model.eval()

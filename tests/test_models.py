@@ -115,6 +115,7 @@ TORCHVISION_COUNTS = [
 
 
 @pytest.mark.parametrize(("constructor", "expected"), TORCHVISION_COUNTS)
+@pytest.mark.slow
 def test_imagenet_param_counts_match_torchvision(constructor, expected):
     """Counts from ``_DOCS.format(id)`` (e.g. ``...torchvision.models.resnet50.html``: 25557032);
     ``analysis.summary`` lists the model's layers and totals the same count."""
@@ -189,6 +190,7 @@ def narrow_kwargs(name: str, size: int, channels: int, num_classes: int = 7) -> 
 
 @pytest.mark.parametrize(("size", "channels"), [(28, 1), (32, 3)])
 @pytest.mark.parametrize("name", NARROW)
+@pytest.mark.slow
 def test_small_inputs_give_one_logit_per_class(name, size, channels):
     model = abstract(NARROW[name][0], **narrow_kwargs(name, size, channels))
     assert abstract_logits(model, (2, size, size, channels)).shape == (2, 7)
@@ -259,6 +261,7 @@ def cross_entropy(model, x, y):
 
 
 @pytest.mark.parametrize("name", TRAINED)
+@pytest.mark.slow
 def test_jitted_train_step_lowers_the_loss_and_compiles_once(name):
     model, (x, y) = built(name), batch(name)
     optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
@@ -293,6 +296,7 @@ def test_eval_mode_treats_each_image_alone(name):
     assert not np.allclose(changed[1:], logits[1:], rtol=1e-3, atol=0)
 
 
+@pytest.mark.slow
 def test_full_width_resnet18_and_lenet5_on_small_images():
     resnet = resnet18(small_input=True, rngs=make_rngs())
     logits = nnx.jit(lambda m, x: m(x, train=False))(resnet, images(0, (2, 32, 32, 3)))

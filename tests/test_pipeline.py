@@ -190,6 +190,7 @@ def write_folder(root, n_per_class: int, size: int = 8) -> None:
 SLOW_CONSUMER_S = 0.15  # a consumer this slow lets the workers fill every queue they have
 
 
+@pytest.mark.slow
 def test_workers_read_the_same_batches_within_the_memory_bound(tmp_path):
     """2 worker processes decode 80 training images in batches of 4 for a slow consumer: they
     stay at most batches_in_flight(2) = 10 batches (40 images, half the set) ahead, and the

@@ -128,6 +128,7 @@ def test_bad_arguments_exit_2(capsys):
     assert "invalid choice: 'lenet5'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_runs_as_a_module(tmp_path):
     result = subprocess.run(
         [
@@ -148,6 +149,7 @@ def test_runs_as_a_module(tmp_path):
     assert result.stderr.strip() == f"cnnjax-predict: image {tmp_path / 'x.jpg'}: no such file"
 
 
+@pytest.mark.slow
 def test_explain_writes_each_images_saliency_beside_it(tmp_path, capsys, mobilenet_weights):
     _, weights = mobilenet_weights
     paths = [tmp_path / "a" / "cat.jpg", tmp_path / "b" / "cat.png", tmp_path / "dog.png"]

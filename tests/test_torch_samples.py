@@ -51,6 +51,7 @@ from cnnjax.pooling import (
     max_unpool,
 )
 
+pytestmark = pytest.mark.slow  # PyTorch's own samples, hundreds of geometries: the whole-suite run
 torch = pytest.importorskip("torch", reason="PyTorch's sample inputs are the reference")
 
 ALL = os.environ.get("CNNJAX_ALL_TORCH_SAMPLES", "") not in ("", "0")

@@ -141,6 +141,7 @@ def forward():
 
 
 @pytest.mark.parametrize("name", TWINS)
+@pytest.mark.slow
 def test_logits_equal_the_pytorch_twin_with_the_same_weights(name):
     constructor, kwargs, twin = make_twin(name)
     model = load_torch_weights(abstract(constructor, num_classes=1000, **kwargs), twin.state_dict())
@@ -208,6 +209,7 @@ _VALUES = np.random.default_rng(0).standard_normal(2**23, dtype=np.float32)  # 3
 
 
 @pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.slow
 def test_round_trip_is_the_identity_for_every_preset(name):
     """One abstract preset, its Params and BatchStats views of ``_VALUES`` (each starting elsewhere;
     kernels over 4M entries, AlexNet's and VGG's Linear layers, one number each); exported, reset to

@@ -613,6 +613,7 @@ except ValueError as e:
 """
 
 
+@pytest.mark.slow
 def test_four_devices_equal_one_device(tmp_path):
     out = str(tmp_path / "four.npz")
     env = {
@@ -666,7 +667,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_cli(argv: list[str], *, processes: int, devices: int, timeout: float = 300) -> list[tuple[int, str, str]]:
+def run_cli(argv: list[str], *, processes: int, devices: int, timeout: float = 600) -> list[tuple[int, str, str]]:
     """``cnnjax-train argv`` in ``processes`` CPU processes of ``devices`` devices each, joined on
     127.0.0.1; returns each one's (exit status, stdout, stderr). Every process ends by itself
     or is killed at the timeout."""
@@ -720,6 +721,7 @@ def restored_state(checkpoints) -> list[np.ndarray]:
     return state_arrays(model)
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_of_four_devices_and_resume_across_processes(tmp_path):
     """2 processes x 2 CPU devices (gloo), 1 epoch, then resumed by 2 new processes for a second:
     the same metrics and parameters as 1 process x 4 devices for 2 epochs, and process 1 prints
@@ -854,6 +856,7 @@ def test_cli_unusable_data_or_checkpoints_exit_1_with_one_line(capsys, tmp_path,
         assert err.count("\n") == 1 and err.startswith("cnnjax-train: error: ") and message in err
 
 
+@pytest.mark.slow
 def test_cli_default_run_reaches_97_percent_then_resumes(tmp_path, capsys):
     """The README's command (defaults: LeNet-5 on the digits, 15 epochs) with a plot and
     checkpoints, in a subprocess with XLA's default flags (as a user runs it: 15 epochs run longer
@@ -877,6 +880,7 @@ def test_cli_default_run_reaches_97_percent_then_resumes(tmp_path, capsys):
     assert sorted(os.listdir(checkpoints)) == ["epoch_15", "epoch_16"]
 
 
+@pytest.mark.slow
 def test_cli_imagefolder_streams_with_a_worker_and_stops_on_an_unreadable_image(tmp_path, capsys):
     """LeNet-5 on a 2-class folder of 12x12 grayscale PNGs decoded by a Grain worker process, with
     the recipe flags; then a damaged image ends the run: exit 1, its path and the reason."""

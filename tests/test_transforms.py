@@ -329,6 +329,7 @@ def _empty_batch_step(model, x):
 
 
 @pytest.mark.parametrize("name", sorted(ZOO))
+@pytest.mark.slow
 def test_empty_batch_traces_through_every_zoo_model(name):
     """Every zoo model, in training mode (batch statistics, dropout), traces forward and backward
     on an empty batch (``nnx.eval_shape``: no weights, no compilation) to empty logits."""
@@ -408,6 +409,7 @@ def test_models_in_every_mode(name):
 
 
 @pytest.mark.parametrize("name", sorted(MODEL_INPUTS))
+@pytest.mark.slow
 def test_models_check_grads_in_both_modes(name):
     """In float64 (small ``eps``: finite differences must not cross a ReLU's kink)."""
     shape = MODEL_INPUTS[name]
@@ -477,6 +479,7 @@ SHARDED_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_sharding_shard_map_and_export_on_4_devices():
     env = {
         **os.environ,
@@ -491,6 +494,7 @@ def test_sharding_shard_map_and_export_on_4_devices():
 
 
 @pytest.mark.parametrize("name", sorted(ZOO))
+@pytest.mark.slow
 def test_zoo_models_pass_impl_to_every_layer(name):
     """``impl="lax"`` on a zoo constructor leaves no cnnjax primitive in the gradient's jaxpr."""
     size, channels = (28, 1) if name == "LeNet5" else (32, 3)
