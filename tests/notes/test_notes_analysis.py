@@ -1,4 +1,4 @@
-"""Worked examples of notes 002 (002_f507a061fff3ec1f.txt), "FLOPS 和参数量的计算", "卷积公式和参数量",
+"""Worked examples of note 002 (docs/index.md#the-study-notes), "FLOPS 和参数量的计算", "卷积公式和参数量",
 "全连接层" and "感受野", reproduced with cnnjax.analysis."""
 
 import jax

@@ -164,7 +164,7 @@ def test_note002_fully_connected_backprop_column_vectors():
 
 
 def lenet_params(key):
-    """note 000's LeNet-5 for 28x28 inputs: conv 5x5 (pad 2) 1->6, avg pool 2, conv 5x5 6->16,
+    """Note 000's LeNet-5 for 28x28 inputs: conv 5x5 (pad 2) 1->6, avg pool 2, conv 5x5 6->16,
     avg pool 2, dense 400->120->84->10, sigmoid everywhere."""
     shapes = {
         "conv1": ((5, 5, 1, 6), (6,)),

@@ -1,4 +1,4 @@
-"""The convolution worked examples of notes 000-004 (shared/notes/, indexed in NOTES_INDEX.md).
+"""The convolution worked examples of notes 000-004 (the study notes: docs/index.md#the-study-notes).
 
 Each test names its note file; numbers are the notes' own printed outputs unless a docstring
 says why not.
