@@ -109,7 +109,7 @@ def named_rank(layout, op: str) -> tuple[bool, int | None]:
 
 
 def layout_of(shape, layout, op: str, *, kernel_shape=None, kernel_arg: str = "kernel", per_dim=None, arg: str = "x"):
-    """The rank rule (``API.md``, "Layouts and ranks" and "Inputs"): ``(Layout, batched)`` of an input.
+    """The rank rule (docs/conventions.md, Layouts): ``(Layout, batched)`` of an input.
 
     The spatial rank comes from, first to last: ``kernel_shape`` (its rank minus 2, conv ops);
     ``per_dim = (name, value)`` when ``value`` is a sequence (a pool's ``window_shape`` or
@@ -248,7 +248,7 @@ class ConvGeometry:
 
     @property
     def output_spatial(self) -> tuple[int, ...]:
-        """Per dim ``floor((n + lo + hi - d*(k-1) - 1) / s) + 1`` (notes 002)."""
+        """Per dim ``floor((n + lo + hi - d*(k-1) - 1) / s) + 1`` (docs/geometry.md)."""
         return tuple(
             conv_output_size(n + lo + hi, k, s, 0, d)
             for n, k, s, (lo, hi), d in zip(

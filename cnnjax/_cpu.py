@@ -285,7 +285,7 @@ def _per_group(fn, groups: int, a, a_axis: int, b, b_axis: int, out_axis: int, *
 
 
 def _correlate(x, kernel, strides, padding, dilation, groups, layout: Layout, precision, buffered: bool = True):
-    """Zero-padded cross-correlation, the conv layer's forward (notes 001: ``Y = X (*) K``).
+    """Zero-padded cross-correlation, the conv layer's forward (docs/convolutions.md: ``Y = X (*) K``).
 
     ``buffered=False`` lets XLA fuse per-tap products into what consumes them (the phases of an
     input gradient, interleaved into one array)."""
@@ -487,7 +487,7 @@ def _folded_input_grad(dy, kernel, input_spatial, strides, padding, dilation, la
 
 
 def _conv_input_grad(dy, kernel, input_spatial, strides, padding, dilation, groups, layout: Layout, precision):
-    """notes 002, conv backprop: ``delta_l = pad(dilate(delta_{l+1}, s)) (*) rot180(W)``, in/out swapped.
+    """docs/backprop.md, conv backprop: ``delta_l = pad(dilate(delta_{l+1}, s)) (*) rot180(W)``, in/out swapped.
 
     Per input phase ``r``: the taps ``a`` with ``r + lo - a*d = 0 (mod s)``, rotated 180 degrees,
     form a kernel of dilation ``d / gcd(s, d)`` that is correlated with ``delta`` at stride 1.
@@ -551,7 +551,7 @@ _KERNEL_GRAD_MAX_CHUNKS = 32
 
 
 def _conv_kernel_grad(x, dy, window, strides, padding, dilation, groups, layout: Layout, precision):
-    """notes 002, conv backprop: ``dW[a] = sum_{n, x} delta[n, x] * X_pad[n, x*s + a*d]``.
+    """docs/backprop.md, conv backprop: ``dW[a] = sum_{n, x} delta[n, x] * X_pad[n, x*s + a*d]``.
 
     Three forms of the one formula: depthwise convs take a product and a sum per tap; a one-tap
     (1x1) kernel is one matrix product ``X^T delta``; otherwise the notes' ``dW = delta (*) a_{l-1}``,
@@ -674,7 +674,7 @@ def _write_back(parts, input_spatial, window, strides, padding, dilation, layout
 
 
 def _sum_pool_grad(dy, w: PoolGeometry):
-    """notes 002, mean pooling: every input of a window receives the window's gradient (the
+    """docs/backprop.md, mean pooling: every input of a window receives the window's gradient (the
     mean's divisor is applied to ``dy`` first): ``dx[a*d + j*s] += dy[j]`` over taps ``a``."""
     parts = [dy] * math.prod(w.window)
     return _write_back(parts, w.input_spatial, w.window, w.strides, w.reduce_padding, w.dilation, w.layout)
@@ -730,7 +730,7 @@ def _max_pool_argmax(x, w: PoolGeometry, select: str):
 
 
 def _max_pool_grad(dy, index, w: PoolGeometry):
-    """notes 002, max pooling: each output's gradient goes to its recorded max id, the rest get 0."""
+    """docs/backprop.md, max pooling: each output's gradient goes to its recorded max id, the rest get 0."""
     parts = [jnp.where(index == t, dy, jnp.zeros_like(dy)) for t in range(math.prod(w.window))]
     return _write_back(parts, w.input_spatial, w.window, w.strides, w.reduce_padding, w.dilation, w.layout)
 

@@ -149,17 +149,17 @@ conv_kernel_grad_p = _primitive("conv_kernel_grad")
 
 
 def conv(x, kernel, geometry: ConvGeometry, precision, impl: str):
-    """notes 001: ``Y = X (*) K`` (:func:`cnnjax.backprop.correlate`)."""
+    """docs/convolutions.md: ``Y = X (*) K`` (:func:`cnnjax.backprop.correlate`)."""
     return _bind(conv_p, x, kernel, geometry=geometry, precision=precision, impl=impl)
 
 
 def conv_input_grad(dy, kernel, geometry: ConvGeometry, precision, impl: str):
-    """notes 002: ``pad(dilate(dy, s)) (*) rot180(W)`` (:func:`cnnjax.backprop.input_grad`)."""
+    """docs/backprop.md: ``pad(dilate(dy, s)) (*) rot180(W)`` (:func:`cnnjax.backprop.input_grad`)."""
     return _bind(conv_input_grad_p, dy, kernel, geometry=geometry, precision=precision, impl=impl)
 
 
 def conv_kernel_grad(x, dy, geometry: ConvGeometry, precision, impl: str, transposed: bool = False):
-    """notes 002: ``dW = delta (*) X`` (:func:`cnnjax.backprop.kernel_grad`)."""
+    """docs/backprop.md: ``dW = delta (*) X`` (:func:`cnnjax.backprop.kernel_grad`)."""
     return _bind(conv_kernel_grad_p, x, dy, geometry=geometry, precision=precision, impl=impl, transposed=transposed)
 
 

@@ -1,4 +1,4 @@
-"""The notes' closed-form gradients (notes 002, 反向传播 and Pooling池化操作的反向梯度传播), as code.
+"""The notes' closed-form gradients (docs/backprop.md), as code.
 
 Two layers, one formula each:
 
@@ -69,11 +69,11 @@ SELECTS = ("max", "min")
 
 
 # ---------------------------------------------------------------------------------------------
-# Convolution (notes 001/002): the forward correlation and its two transposes.
+# Convolution (docs/backprop.md): the forward correlation and its two transposes.
 
 
 def correlate(x, kernel, g: ConvGeometry, precision=None):
-    """notes 001, a conv layer's forward: ``Y = X (*) K``, zero-padded, strided, dilated, grouped.
+    """docs/convolutions.md, a conv layer's forward: ``Y = X (*) K``, zero-padded, strided, dilated, grouped.
 
     ``x: (N, *input_spatial, C_in)`` (or channels first), ``kernel``: HWIO (or OIHW) ->
     ``(N, *output_spatial, C_out)``.
@@ -113,7 +113,7 @@ def _groups_into_in(kernel, groups: int, spec: tuple[int, ...]):
 
 
 def input_grad(dy, kernel, g: ConvGeometry, precision=None):
-    """notes 002, conv backprop: ``delta_l = pad(dilate(delta_{l+1}, s)) (*) rot180(W)``, in/out
+    """docs/backprop.md, conv backprop: ``delta_l = pad(dilate(delta_{l+1}, s)) (*) rot180(W)``, in/out
     channels swapped: ``dy`` dilated by the stride (lax's input dilation), padded
     ``d*(k-1) - lo`` before and ``n + lo - 1 - (o-1)*s`` after (negative pads crop), correlated
     with the kernel rotated 180 degrees (reversed along its window axes) whose input and output
@@ -152,7 +152,7 @@ def kernel_shape(g: ConvGeometry, c_in: int, c_out: int) -> tuple[int, ...]:
 
 
 def kernel_grad(x, dy, g: ConvGeometry, precision=None):
-    """notes 002, conv backprop: ``dW = delta (*) a_{l-1}``, i.e.
+    """docs/backprop.md, conv backprop: ``dW = delta (*) a_{l-1}``, i.e.
     ``dW[a] = sum_{n, x} delta[n, x] * X_pad[n, x*s + a*d]``: a correlation of the input with
     ``delta`` (dilated by the stride) as the kernel, the batch the contracted channel axis and
     the kernel dilation the output stride; groups become batch groups.
@@ -233,7 +233,7 @@ def transposed_kernel_grad(x, dy, g: ConvGeometry, precision=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# Pooling (notes 002): sum (mean) pooling copies each gradient over its window; max pooling
+# Pooling (docs/backprop.md): sum (mean) pooling copies each gradient over its window; max pooling
 # records each window's max id and routes the gradient there.
 
 
@@ -273,7 +273,7 @@ def window_sum(x, w: PoolGeometry):
 
 
 def window_sum_transpose(dy, w: PoolGeometry):
-    """notes 002, mean pooling: every input of a window receives the window's gradient (the
+    """docs/backprop.md, mean pooling: every input of a window receives the window's gradient (the
     divisor is applied to ``dy`` first): ``dx[j*s + a*d - lo] += dy[j]`` over taps ``a``.
 
     ``dy`` dilated by the stride and padded ``d*(k-1) - lo`` before and ``n + lo - (o-1)*s - 1``
@@ -315,7 +315,7 @@ def window_max(x, w: PoolGeometry, select: str = "max"):
 
 
 def window_max_scatter(dy, x, w: PoolGeometry, select: str = "max"):
-    """notes 002, max pooling backprop: each output's gradient goes to its window's max id (the
+    """docs/backprop.md, max pooling backprop: each output's gradient goes to its window's max id (the
     first maximum in scan order, never padding; :func:`window_argmax`), the other inputs get 0
     (:func:`tap_scatter`). ``dy: (N, *out, C)``, ``x: (N, *input_spatial, C)`` ->
     ``(N, *input_spatial, C)``.
@@ -419,7 +419,7 @@ def _padded_flat_position(tap, w: PoolGeometry):
 
 
 def window_argmax(x, w: PoolGeometry, select: str = "max"):
-    """notes 002, max pooling: each window's maximum and its "max id", the scan-order number of
+    """docs/backprop.md, max pooling: each window's maximum and its "max id", the scan-order number of
     the first tap that holds it (``select="min"``: minimum). Padding never wins, not even a tie
     against a real ``-inf``; a NaN wins and propagates, as in ``lax.max``.
 
@@ -475,7 +475,7 @@ def tap_gather(t, tap, w: PoolGeometry):
 
 
 def tap_scatter(dy, tap, w: PoolGeometry):
-    """notes 002, max pooling backprop: each output's gradient goes to its window's max id, the
+    """docs/backprop.md, max pooling backprop: each output's gradient goes to its window's max id, the
     other inputs get 0 (the transpose of :func:`tap_gather`).
     ``dy: (N, *out, C)`` -> ``(N, *input_spatial, C)``."""
     layout = w.layout
@@ -533,7 +533,7 @@ def conv_input_grad(
     layout=None,
     precision=None,
 ):
-    """Gradient of ``conv(x, kernel, ...)`` with respect to ``x`` (notes 002, conv backprop).
+    """Gradient of ``conv(x, kernel, ...)`` with respect to ``x`` (docs/backprop.md, conv backprop).
 
     ``delta_l = pad(dilate(delta_{l+1}, s)) (*) rot180(W)`` with the kernel's input and output
     channels swapped (:func:`input_grad`).
@@ -572,7 +572,7 @@ def conv_kernel_grad(
     layout=None,
     precision=None,
 ):
-    """Gradient of ``conv(x, kernel, ...)`` with respect to ``kernel`` (notes 002, conv backprop).
+    """Gradient of ``conv(x, kernel, ...)`` with respect to ``kernel`` (docs/backprop.md, conv backprop).
 
     ``dW[a, b] = sum_{n, x, y} delta[n, x, y] * X_pad[n, x*s + a*d, y*s + b*d]``: one contraction
     over batch and space per kernel tap, grouped channels contracted within their group
@@ -602,7 +602,7 @@ def conv_kernel_grad(
 
 
 def conv_bias_grad(dy, layout=None):
-    """Gradient of a conv's bias: ``db = sum delta`` over batch and space (notes 002, ``db = delta``).
+    """Gradient of a conv's bias: ``db = sum delta`` over batch and space (docs/backprop.md, ``db = delta``).
 
     dy: ``(N, *out, C_out)`` (channels-last) or ``(N, C_out, *out)``; unbatched (without ``N``)
     when ``layout`` names the spatial rank (else the rank is ``dy.ndim - 2``). Returns: ``(C_out,)``.
@@ -617,7 +617,7 @@ def conv_bias_grad(dy, layout=None):
 
 
 def max_pool_grad(x, dy, window_shape, strides=None, padding="VALID", *, window_dilation=1, layout=None):
-    """Gradient of ``max_pool(x, ...)`` (notes 002, max pooling: route it to the max id).
+    """Gradient of ``max_pool(x, ...)`` (docs/backprop.md, max pooling: route it to the max id).
 
     Each output's gradient goes to its window's arg-max, the first maximum in scan (row-major)
     order on ties, as XLA does; padding never receives gradient, not even against a real
@@ -645,7 +645,7 @@ def max_pool_grad(x, dy, window_shape, strides=None, padding="VALID", *, window_
 
 
 def avg_pool_grad(dy, input_shape, window_shape, strides=None, padding="VALID", *, count_include_pad=True, layout=None):
-    """Gradient of ``avg_pool(x, ...)`` (notes 002, mean pooling: split it evenly over the window).
+    """Gradient of ``avg_pool(x, ...)`` (docs/backprop.md, mean pooling: split it evenly over the window).
 
     Each output's gradient is divided by its divisor and copied to every input of its window:
     the window size, or with ``count_include_pad=False`` the number of non-padding inputs in it
@@ -670,11 +670,11 @@ def avg_pool_grad(dy, input_shape, window_shape, strides=None, padding="VALID", 
 
 
 # ---------------------------------------------------------------------------------------------
-# Fully connected layers (notes 002, 全连接层).
+# Fully connected layers (docs/backprop.md).
 
 
 def dense_grads(a_prev, w, delta):
-    """One dense layer ``z = a_prev @ w + b``: ``(dW, db, delta @ w.T)`` (notes 002).
+    """One dense layer ``z = a_prev @ w + b``: ``(dW, db, delta @ w.T)`` (docs/backprop.md).
 
     The notes' column-vector ``dW = delta a^T``, ``db = delta``, ``W^T delta`` in Flax's
     ``(in, out)`` kernel layout; leading batch axes are summed, as ``jax.vjp`` of the batched
@@ -710,7 +710,7 @@ def dense_grads(a_prev, w, delta):
 def dense_backward(layer_inputs, weights, pre_activations, delta, activation_derivative: Callable):
     """Backprop through a stack of dense layers ``z_l = a_{l-1} @ W_l + b_l``, ``a_l = sigma(z_l)``.
 
-    Follows notes 002: ``delta_l = (delta_{l+1} W_{l+1}^T) * sigma'(z_l)`` from the last layer's
+    Follows docs/backprop.md: ``delta_l = (delta_{l+1} W_{l+1}^T) * sigma'(z_l)`` from the last layer's
     ``delta_L = dC/dz_L`` down, with ``dW_l``, ``db_l`` from ``dense_grads``.
 
     layer_inputs: ``a_0 .. a_{L-1}``, each ``(..., in_l)``; weights: ``W_1 .. W_L``, ``(in_l, out_l)``;

@@ -11,8 +11,8 @@ is ``cnnjax.shapes``'s. Past the checks, ``conv`` and ``conv_transpose`` each ru
 ``lax.conv_general_dilated`` and JAX's autodiff, otherwise one cnnjax primitive whose
 derivatives are the notes' closed forms (:mod:`cnnjax.backprop`, :mod:`cnnjax._primitives`).
 
-Conv layers compute cross-correlation (notes 001/004: ``Y[i, j] = sum_ab X[i+a, j+b] K[a, b]``);
-``convolve2d`` is the true convolution, with the kernel flipped (notes 001 section 1.5).
+Conv layers compute cross-correlation (docs/convolutions.md: ``Y[i, j] = sum_ab X[i+a, j+b] K[a, b]``);
+``convolve2d`` is the true convolution, with the kernel flipped (docs/convolutions.md).
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def conv(
       bias: ``None`` or ``(C_out,)``, added to every output position; cast to the dtype of ``x``
         and ``kernel`` (``TypeError`` if that changes its kind, e.g. complex to real).
       strides, kernel_dilation, input_dilation: int or one int per spatial dim, each >= 1.
-        ``input_dilation=s`` inserts ``s - 1`` zeros between input pixels (notes 002's
+        ``input_dilation=s`` inserts ``s - 1`` zeros between input pixels (docs/convolutions.md's
         transposed-conv view).
       padding: ``"VALID"``, ``"SAME"`` (odd extra pixel at the end), ``"SAME_LOWER"`` (at the
         start, the notes' convention), ``"FULL"`` (``d*(k-1)`` per side), an int, one int per
@@ -184,7 +184,7 @@ def conv(
 
     Returns:
       ``(N, *out, C_out)`` or ``(N, C_out, *out)`` (without ``N`` for an unbatched ``x``), per dim
-      ``out = floor((n' + lo + hi - d*(k-1) - 1) / s) + 1`` (notes 002) with
+      ``out = floor((n' + lo + hi - d*(k-1) - 1) / s) + 1`` (docs/geometry.md) with
       ``n' = (n-1)*input_dilation + 1``.
 
     >>> x = jnp.arange(9.0).reshape(1, 1, 3, 3)
@@ -255,7 +255,7 @@ def _conv_core(x, kernel, bias, *, geometry: ConvGeometry, input_dilation, paddi
             precision=precision,
         )
     else:
-        if any(d > 1 for d in input_dilation):  # notes 002: insert d - 1 zeros between the inputs
+        if any(d > 1 for d in input_dilation):  # docs/convolutions.md: insert d - 1 zeros between the inputs
             x = lax.pad(x, jnp.zeros((), x.dtype), layout.window([(0, 0, d - 1) for d in input_dilation], (0, 0, 0)))
         y = _primitives.conv(x, kernel, geometry, precision, impl)
     return _add_bias(y, bias, layout)
@@ -299,7 +299,7 @@ def conv_transpose(
 
     ``conv_transpose(dy, w, strides=s, padding=p, ...)`` equals the VJP of
     ``conv(., w, strides=s, padding=p, ...)`` at ``dy`` whenever the shapes agree. Computed as in
-    notes 002 (转置卷积): insert ``s - 1`` zeros between the inputs (lax's input dilation), pad each
+    docs/convolutions.md: insert ``s - 1`` zeros between the inputs (lax's input dilation), pad each
     side by ``d*(k-1) - lo`` / ``d*(k-1) - hi + output_padding`` (negative pads crop), and run a
     stride-1 conv with the kernel flipped and its in/out channels swapped per group (Dumoulin &
     Visin 2016, arXiv:1603.07285, section 4).
@@ -388,7 +388,7 @@ def _plane_conv(x, k, padding, impl):
 
 
 def corr2d(x, k, *, impl="auto"):
-    """2-D cross-correlation of one plane with one kernel, valid mode (notes 001/004's ``corr2d``).
+    """2-D cross-correlation of one plane with one kernel, valid mode (docs/convolutions.md's ``corr2d``).
 
     ``Y[i, j] = sum_{a, b} x[i + a, j + b] * k[a, b]``.
 
@@ -470,7 +470,7 @@ def depthwise_conv(
     precision=None,
     impl="auto",
 ):
-    """Depthwise conv: each input channel correlated with its own ``multiplier`` filters (notes 002).
+    """Depthwise conv: each input channel correlated with its own ``multiplier`` filters (docs/convolutions.md).
 
     ``conv`` with ``feature_group_count = C_in``; output channel ``c * multiplier + m`` comes from
     input channel ``c`` (PyTorch's ``Conv2d(groups=C_in)`` and Flax's ordering).
@@ -525,7 +525,7 @@ def separable_conv(
     precision=None,
     impl="auto",
 ):
-    """Depthwise-separable conv (notes 002, Keras's ``SeparableConv``): depthwise, then 1x1.
+    """Depthwise-separable conv (docs/convolutions.md, Keras's ``SeparableConv``): depthwise, then 1x1.
 
     The geometry (strides, padding, dilation) belongs to the depthwise step; the bias is added
     once, after the pointwise step.
@@ -594,7 +594,7 @@ def spatially_separable_conv(
     precision=None,
     impl="auto",
 ):
-    """Spatially separable 2-D conv (notes 002): a ``kh x 1`` conv, then a ``1 x kw`` conv.
+    """Spatially separable 2-D conv (docs/convolutions.md): a ``kh x 1`` conv, then a ``1 x kw`` conv.
 
     Each step takes its own axis's share of the geometry (strides, padding, dilation along H
     for the column step, along W for the row step), so for a rank-1 kernel

@@ -6,7 +6,7 @@ matching ``torch.nn.functional`` call), for 1 to 3 spatial dims: the length of a
 ``window_shape``/``output_size`` sequence, else the rank the layout names, else the input's rank
 minus 2. Inputs are batched, ``(N, *spatial, C)``, or unbatched, ``(*spatial, C)``, whose results
 have no batch axis (:func:`cnnjax._canon.layout_of`, the rank rule). Pooling has no parameters
-and acts on each channel separately (notes 000, "Pooling in Multi-Channel Convolution").
+and acts on each channel separately (docs/pooling.md).
 
 Geometry is canonicalized once per call (:func:`cnnjax._canon.pool_geometry`): output sizes
 follow PyTorch's rule (:func:`cnnjax.shapes.pool_output_size`), and ``ceil_mode`` is implemented
@@ -17,7 +17,7 @@ element (padding that leaves a window only padding raises ``ValueError``). Max p
 ``-inf``; sum and average pools pad with zeros.
 
 Gradients of max/min pools go to the first extreme element of each window in scan order
-(row-major over the window): the notes' "max id" (notes 002, pooling backprop), XLA's
+(row-major over the window): the notes' "max id" (docs/backprop.md), XLA's
 ``select_and_scatter`` rule and PyTorch's recorded index. ``impl`` (:mod:`cnnjax.backprop`) picks
 cnnjax's primitives (``"auto"``, ``"closed_form"``) or ``lax.reduce_window`` and JAX's autodiff
 (``"lax"``). The private cores take canonical, hashable geometry and are jitted with it static,
@@ -357,7 +357,7 @@ def global_max_pool(x, keepdims: bool = False, layout: str | None = None, *, imp
 
 
 def global_avg_pool(x, keepdims: bool = False, layout: str | None = None, *, impl: str = "auto"):
-    """Mean over all spatial positions of each channel (notes 002: a ``7x7x1000`` map -> ``1x1x1000``).
+    """Mean over all spatial positions of each channel (docs/pooling.md: a ``7x7x1000`` map -> ``1x1x1000``).
 
     ``x: (N, *spatial, C)`` float -> ``(N, C)``, or ``(N, 1, ..., 1, C)`` with ``keepdims``;
     unbatched as :func:`global_max_pool`. A mean whatever ``impl`` is (its autodiff is the notes'
@@ -447,7 +447,7 @@ def adaptive_max_pool(x, output_size, layout: str | None = None, *, impl: str = 
 
     ``x: (N, *spatial, C)`` -> ``(N, *output_size, C)`` (unbatched: without ``N``). Along a dim of
     length ``L`` with ``o`` outputs, bin ``i`` covers ``[floor(i*L/o), ceil((i+1)*L/o))``: bins may
-    overlap and always cover the input (unlike notes 002's SPP rule ``win = ceil(L/o),
+    overlap and always cover the input (unlike the notes' SPP rule in docs/pooling.md, ``win = ceil(L/o),
     stride = floor(L/o)``, which can give the wrong count). ``output_size``: an int, or one entry
     per spatial dim (``None`` keeps that dim's size), whose length is then the spatial rank (an
     int: the rank ``layout`` names, else ``x.ndim - 2``). Integer inputs stay integers. The
@@ -498,7 +498,7 @@ def adaptive_avg_pool(x, output_size, layout: str | None = None, *, impl: str = 
 
 
 def spatial_pyramid_pool(x, levels=(1, 2, 4), mode: str = "max", layout: str | None = None, *, impl: str = "auto"):
-    """Spatial pyramid pooling (notes 002, SPPNet: He et al. 2014, arXiv:1406.4729).
+    """Spatial pyramid pooling (docs/pooling.md, SPPNet: He et al. 2014, arXiv:1406.4729).
 
     ``x: (N, *spatial, C)`` -> ``(N, C * sum(l**rank for l in levels))`` (unbatched, with a
     ``layout`` naming the rank: ``(C * sum(...),)``): for each level ``l``,

@@ -1,7 +1,7 @@
 """Integer geometry of convolution and pooling: output sizes, SAME pads, receptive fields.
 
 Pure Python ints, no JAX. Every function works on one spatial dimension; callers map it over
-dimensions. Formulas follow the notes (``../shared/notes``) and PyTorch where they agree.
+dimensions. Formulas follow the study notes (docs/index.md) and PyTorch where they agree.
 
 Padding for one dimension is one of ``"VALID"``, ``"SAME"`` (= ``"SAME_UPPER"``, the odd extra
 pixel at the end, as XLA/TF/PyTorch), ``"SAME_LOWER"`` (extra pixel at the start, the notes'
@@ -93,8 +93,8 @@ def resolve_padding(
 def conv_output_size(n: int, kernel_size: int, stride: int = 1, padding=0, dilation: int = 1) -> int:
     """Output length of a convolution along one dimension.
 
-    ``floor((n + lo + hi - dilation*(k-1) - 1) / stride) + 1`` (notes 002; with total padding
-    ``p`` and no dilation this is notes 000/001's ``floor((n + p - k + s) / s)``).
+    ``floor((n + lo + hi - dilation*(k-1) - 1) / stride) + 1`` (docs/geometry.md; with total padding
+    ``p`` and no dilation this is the notes' ``floor((n + p - k + s) / s)``).
 
     >>> conv_output_size(8, 3, padding=1), conv_output_size(8, 3, stride=2, padding=1)
     (8, 4)
@@ -247,7 +247,7 @@ def receptive_field(layers) -> ReceptiveField:
 
     ``layers``: sequence of dicts (``kernel``, ``stride``, ``padding``, ``dilation``) or tuples
     ``(kernel, stride, padding=0, dilation=1)``. Size uses the notes' top-down rule
-    ``RF_prev = (RF - 1)*stride + dilation*(kernel - 1) + 1`` (notes 002), starting from 1 at the
+    ``RF_prev = (RF - 1)*stride + dilation*(kernel - 1) + 1`` (docs/geometry.md), starting from 1 at the
     last layer.
 
     >>> rf = receptive_field([(3, 1, 1), (3, 1, 1)])

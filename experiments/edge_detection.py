@@ -32,7 +32,7 @@ def edge_image():
 
 
 def learn_kernel(x, y, *, steps=STEPS, learning_rate=LEARNING_RATE, seed=0, log_every=2, log=print):
-    """Fit a ``(1, 2)`` kernel (no bias) so that ``corr2d(x, kernel) ~ y``, as note 001 does.
+    """Fit a ``(1, 2)`` kernel (no bias) so that ``corr2d(x, kernel) ~ y``, as docs/convolutions.md does.
 
     The start is uniform in ``[-0.07, 0.07]`` (MXNet's default init, which the note used); each
     step takes the gradient of ``sum((conv(x, kernel) - y)**2)`` and moves ``learning_rate``

@@ -1,4 +1,4 @@
-"""LeNet-5 (note 000: sigmoid + average pooling) on scikit-learn's embedded digits: training
+"""LeNet-5 (docs/models.md: sigmoid + average pooling) on scikit-learn's embedded digits: training
 curves, the six first-layer 5x5 filters, and their feature maps for one test digit.
 
 Run (CPU, well under a minute; writes one PNG):

@@ -2,7 +2,7 @@
 
 Each has exactly the trainable-parameter count of its cnnjax model (the benchmark asserts it):
 
-- ``LeNet5``: ``cnnjax.models.LeNet5`` (notes 000: sigmoid and average pooling, 28x28 inputs,
+- ``LeNet5``: ``cnnjax.models.LeNet5`` (docs/models.md: sigmoid and average pooling, 28x28 inputs,
   61,706 parameters). It flattens NCHW maps where cnnjax flattens NHWC ones: the same layer
   sizes, another order of the 400 features, which a timing does not see.
 - ``resnet18`` / ``resnet50``: ``cnnjax.models.resnet18/50`` (torchvision's ResNet v1.5: the
