@@ -5,21 +5,54 @@ form measured faster on XLA:CPU (``experiments/bench_backprop.py``; the comments
 measurement, on the project's 2-core x86 VM, jax 0.10.2). :mod:`cnnjax._primitives` registers the
 entry points at the bottom (``correlate``, ``input_grad``, ``kernel_grad``, ``window_max``,
 ``window_argmax``, ``window_max_gather``, ``window_max_scatter``, ``window_sum_transpose``) as the CPU lowerings of its primitives for
-``impl="auto"``. Each entry point falls back to the plain formula outside its measured limits:
-operands that are not float32, symbolic or zero sizes (``jax.export`` with a symbolic batch, an
-empty batch), and unrolled programs whose size would make compilation slow (window taps, group
-counts; see ``_MAX_UNROLLED_TAPS`` and ``_MAX_UNROLLED_GROUPS``).
+``impl="auto"``. Which schedule an entry point takes is one pure function of the geometry and
+the operands' shapes and dtypes, :func:`plan`, whose thresholds are the fields of :class:`Limits`:
 
-Windows are read as one strided slice per tap; gradients are written back per output phase, the
-same decomposition as the conv input gradient (``_overlap_add``).
+======================== =================================== ========================= ===========================
+tactic (``Plan.tactic``) when it applies                     its limit (``Limits``)    what it gains, measured
+======================== =================================== ========================= ===========================
+``formula`` (any op)     outside every limit below; not      ``unrolled_taps`` 25,     compile time: a 13x13
+                         float32; symbolic or zero sizes     ``unrolled_groups`` 32    depthwise jit(grad) 16-26 s
+                                                                                       unrolled, 0.3 s as formula
+correlate ``matmul``     ungrouped 1x1                       -                         2-6x (32x56x56x64 -> 256)
+correlate ``conv``       ungrouped, C_in > 1                 -                         (XLA's convolution)
+correlate ``per_group``  grouped, C_in/G > 8                 ``unrolled_group_channels`` 8 groups of 32: 4.7x
+correlate ``per_tap``    grouped with C_in/G <= 8, or C_in 1 ``unrolled_group_channels`` depthwise 8x112x112x32: 35x
+input_grad ``folded``    ungrouped, C_in < 8, stride 1 on    ``fold_below_channels``   LeNet-5's layers: 1.7-3x
+                         the axes not folded
+input_grad ``phases``    the rest: one conv per stride phase stride phases <= 25       ResNet 7x7/2 stem: 5x
+kernel_grad ``per_tap``  depthwise, <= 9 taps                ``unrolled_kernel_grad_   depthwise 8x112x112x32:
+                                                             taps``, ``slab_*``,       1.7x over per group
+                                                             ``join_size``
+kernel_grad ``tap_loop`` depthwise, > 9 taps                 -                         5x5 compiles 1.6x faster,
+                                                                                       runs 1.7x slower
+kernel_grad ``matmul``   1x1 kernel                          -                         6-10x
+kernel_grad              grouped: one correlation per group  ``unrolled_groups``       32 groups of 4: 370x
+``per_group``
+kernel_grad ``chunks``   dense: one correlation per batch    ``kernel_grad_*``         32x56x56x64 -> 64: 2.8x
+                         chunk of about 1024 positions
+window_max ``fold``      max and min pools, ids, gradients   ``unrolled_taps``         3x3/2 on 8x112x112x64,
+                                                                                       forward+backward: 2.8x
+window_sum_transpose     sum and avg pool gradients, written ``unrolled_taps``         no scatter
+``write_back``           back per output phase
+======================== =================================== ========================= ===========================
+
+Gains are against XLA:CPU running the plain formula, on the project's 2-core x86 VM with jax
+0.10.2. Measured with ``experiments/bench_backprop.py`` and ``experiments/bench_compile.py``; the comment
+above each schedule gives the measurement in full. Windows are read as one strided slice per tap;
+gradients are written back per output phase, the same decomposition as the conv input gradient
+(``_overlap_add``). Tests call :func:`plan` to see which schedule a geometry takes, and pass
+``limits=`` to an entry point to run a schedule past its default limits.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +62,95 @@ from jax import lax
 from cnnjax import backprop
 from cnnjax._canon import ConvGeometry, Layout, PoolGeometry
 from cnnjax.shapes import conv_output_size
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Every threshold of the schedules (the table above; each field's measurement is in the
+    comment above the schedule that reads it)."""
+
+    unrolled_taps: int = 25  # window taps (and stride phases) past which the formula runs
+    unrolled_groups: int = 32  # groups past which a per-group schedule gives way to the formula
+    unrolled_group_channels: int = 8  # input channels per group up to which a grouped conv is per tap
+    fold_below_channels: int = 8  # input channels below which the input gradient folds taps
+    unrolled_kernel_grad_taps: int = 9  # taps up to which a depthwise kernel gradient is unrolled
+    kernel_grad_chunk_positions: int = 1024  # output positions per batch chunk of a kernel gradient
+    kernel_grad_unchunked_bytes: int = 1 << 20  # inputs smaller than this are not chunked
+    kernel_grad_max_chunks: int = 32
+    slab_terms: int = 16  # slabs per product in ``_sum_all_but``
+    slab_size: int = 1 << 16  # elements per slab
+    join_size: int = 1 << 19  # elements of slab sums joined into one reduction
+
+
+LIMITS = Limits()
+
+
+class Plan(NamedTuple):
+    """The schedule :func:`plan` chose: a tactic of the table above, and for the kernel gradient's
+    ``"chunks"`` the images per batch chunk."""
+
+    tactic: str
+    chunk: int = 0
+
+
+_OPS = ("correlate", "input_grad", "kernel_grad", "window_max", "window_sum_transpose")
+
+
+def plan(op: str, g, *operands, limits: Limits = LIMITS) -> Plan:
+    """Which schedule ``op`` takes on ``operands`` (arrays or ``jax.ShapeDtypeStruct``) with geometry
+    ``g`` (a :class:`~cnnjax._canon.ConvGeometry`, or a :class:`~cnnjax._canon.PoolGeometry` for the
+    pools): a pure function of the geometry, the shapes and the dtypes.
+
+    ``op`` and its operands: ``"correlate"`` ``(x, kernel)``, ``"input_grad"`` ``(dy, kernel)``,
+    ``"kernel_grad"`` ``(x, dy)``, ``"window_max"`` ``(x,)`` (the max and min pools' forward, max
+    ids and gradient), ``"window_sum_transpose"`` ``(dy,)``.
+
+    >>> import jax
+    >>> from cnnjax._canon import ConvGeometry, Layout
+    >>> g = ConvGeometry(Layout(True, 2), (28, 28), (5, 5), (1, 1), ((0, 0), (0, 0)), (1, 1))
+    >>> plan("input_grad", g, jax.ShapeDtypeStruct((8, 24, 24, 6), "float32"), jax.ShapeDtypeStruct((5, 5, 1, 6), "float32"))
+    Plan(tactic='folded', chunk=0)
+    """
+    if op not in _OPS:
+        raise ValueError(f"plan: op must be one of {_OPS}, got {op!r}")
+    if not _scheduled(*operands):
+        return Plan("formula")
+    taps = math.prod(g.window)
+    if op in ("window_max", "window_sum_transpose"):
+        if taps > limits.unrolled_taps:
+            return Plan("formula")
+        return Plan("fold" if op == "window_max" else "write_back")
+    if op == "kernel_grad":
+        x, dy = operands
+        cig, cog = (g.layout.channels(a.shape) // g.groups for a in (x, dy))
+    else:
+        cig, cog = _channels(operands[1], g)
+    depthwise = _depthwise(g.groups, cig, cog)
+    fits = taps <= limits.unrolled_taps and not (g.groups > 1 and not depthwise and g.groups > limits.unrolled_groups)
+    if op == "correlate":
+        return Plan(_correlate_tactic(g.groups, cig, g.window, limits) if fits else "formula")
+    if op == "input_grad":
+        folded = _folded(g.groups, cig, g.strides, limits)
+        per_tap = g.groups > 1 or cog == 1 or folded
+        if (per_tap and not fits) or math.prod(g.strides) > limits.unrolled_taps:
+            return Plan("formula")
+        return Plan("folded" if folded else "phases")
+    if depthwise:
+        if not fits:
+            return Plan("formula")
+        return Plan("tap_loop" if taps > limits.unrolled_kernel_grad_taps else "per_tap")
+    if g.groups > limits.unrolled_groups:
+        return Plan("formula")
+    if taps == 1:
+        return Plan("matmul")
+    if g.groups > 1:
+        return Plan("per_group")
+    batch, positions = x.shape[0], math.prod(g.layout.spatial(dy.shape))
+    chunk = max(-(-limits.kernel_grad_chunk_positions // positions), -(-batch // limits.kernel_grad_max_chunks))
+    if math.prod(x.shape) * np.dtype(x.dtype).itemsize < limits.kernel_grad_unchunked_bytes:
+        chunk = batch
+    return Plan("chunks", chunk)
+
 
 # ---------------------------------------------------------------------------------------------
 # Plumbing shared by every rule: padding, one strided slice per window tap, kernel views, and the
@@ -189,33 +311,30 @@ def _overlap_add(parts, size, window, strides, dilation, layout: Layout):
 # instead as an elementwise sum of a few slabs of each product (along the leading summed axes),
 # it is one loop per product that reads the operands once and writes a sixteenth of it, and only
 # that is reduced (the same layer: 1.6 MiB, no faults, 1.4 ms). A product is cut into no more
-# slabs than keep each at most ``_SLAB_SIZE`` elements (256 KiB of float32).
+# slabs than keep each at most ``Limits.slab_size`` elements (256 KiB of float32).
 #
 # XLA:CPU's compile time is LLVM's, and grows with the slices and products in each loop. Each
 # tap's slab sum built ``_in_halves`` (two loops per tap, the slices twice) made the first
 # ``jit(grad)`` of an 8x40x40x16 3x3 depthwise conv compile in 2.3-2.9 s (lax: 0.3 s). Joined
-# along the minor axis instead, up to ``_JOIN_SIZE`` elements of slab sums per join (which also
+# along the minor axis instead, up to ``Limits.join_size`` elements of slab sums per join (which also
 # keeps them a buffer of their own), they are one loop per tap and one reduction per join:
 # 1.3-1.4 s. Forward+backward of the eight layers measured ran in 0.6-1.14x the time (8x40x40x16:
 # 0.72-1.08; NCHW 8x32x56x56: 0.61-0.66; 8x112x112x32, whose taps join in pairs: 1.12, twice)
 # and compiled 1.2-4x faster (docs/performance.md#compile-time). Each tap's slab sum is padded to
 # one shape once: padding each slab instead (a bounds test per slab and element) ran 1.1-1.5x slower.
-_SLAB_TERMS = 16
-_SLAB_SIZE = 1 << 16
-_JOIN_SIZE = 1 << 19
 
 
-def _sum_all_but(products, shape, keep):
+def _sum_all_but(products, shape, keep, limits: Limits):
     """Each product's sum over every axis not in ``keep``, as an array ``(len(products), prod of
     the kept sizes)``, kept axes in order. A product is ``(block, its shape)``, at most ``shape``
     along each axis, and ``block(start, limit)`` is its part ``[start, limit)``. First each
-    product's elementwise sum of up to ``_SLAB_TERMS`` slabs of at most about ``_SLAB_SIZE``
+    product's elementwise sum of up to ``limits.slab_terms`` slabs of at most about ``limits.slab_size``
     elements along the leading summed axes (the first two that are not the minor axis; short slabs
     are padded with zeros); then these, joined along the minor axis in groups of up to
-    ``_JOIN_SIZE`` elements (a group of one built ``_in_halves``), are reduced."""
+    ``limits.join_size`` elements (a group of one built ``_in_halves``), are reduced."""
     rank = len(shape)
     summed = [i for i in range(rank) if i not in keep]
-    counts, left = {}, min(_SLAB_TERMS, -(-math.prod(shape) // _SLAB_SIZE))
+    counts, left = {}, min(limits.slab_terms, -(-math.prod(shape) // limits.slab_size))
     for axis in [i for i in summed if i < rank - 1][:2]:
         counts[axis] = min(shape[axis], left)
         left //= counts[axis]
@@ -252,7 +371,7 @@ def _sum_all_but(products, shape, keep):
         parts = [_pad_to(p, [n if a in counts else common[a] for a, n in enumerate(p.shape)]) for p in parts]
         return reduced(jnp.concatenate(parts, axis=-1), len(parts))
 
-    per_join = max(1, _JOIN_SIZE // math.prod(slab))
+    per_join = max(1, limits.join_size // math.prod(slab))
     return jnp.concatenate([joined(products[i : i + per_join]) for i in range(0, len(products), per_join)])
 
 
@@ -269,7 +388,13 @@ def _sum_all_but(products, shape, keep):
 # products for depthwise convs (8x112x112x32: 8.7 ms against 15 ms per group). Ungrouped convs
 # of one input channel (LeNet's first layer) take the per-tap products too: XLA's convolution is
 # slow on them (256x28x28x1 -> 6, 5x5: 10.2 ms against 2.5 ms).
-_UNROLLED_MAX_GROUP_CHANNELS = 8
+def _correlate_tactic(groups: int, cig: int, window, limits: Limits) -> str:
+    """How ``_correlate`` computes a correlation (the table's correlate rows)."""
+    if groups == 1 and math.prod(window) == 1:
+        return "matmul"
+    if groups == 1 and cig > 1:
+        return "conv"
+    return "per_group" if cig > limits.unrolled_group_channels else "per_tap"
 
 
 def _depthwise(groups: int, cig: int, cog: int) -> bool:
@@ -284,25 +409,27 @@ def _per_group(fn, groups: int, a, a_axis: int, b, b_axis: int, out_axis: int, *
     return jnp.concatenate([fn(ai, bi, groups=1, **geometry) for ai, bi in pieces], out_axis)
 
 
-def _correlate(x, kernel, strides, padding, dilation, groups, layout: Layout, precision, buffered: bool = True):
+def _correlate(
+    x, kernel, strides, padding, dilation, groups, layout: Layout, precision, limits: Limits, buffered: bool = True
+):
     """Zero-padded cross-correlation, the conv layer's forward (docs/convolutions.md: ``Y = X (*) K``).
 
     ``buffered=False`` lets XLA fuse per-tap products into what consumes them (the phases of an
     input gradient, interleaved into one array)."""
     window = _kernel_window(kernel.shape, layout)
-    cig = kernel.shape[layout.kernel_in_axis]
-    if groups == 1 and math.prod(window) == 1:
+    tactic = _correlate_tactic(groups, kernel.shape[layout.kernel_in_axis], window, limits)
+    if tactic == "matmul":
         # One tap (1x1): Y = X_s W, a matrix product over channels; on CPU 2-6x faster than
         # XLA's convolution (32x56x56x64 -> 256: 38 vs 74 ms forward, 12 vs 71 ms input gradient).
         (xs,) = _tap_slices(_pad_spatial(x, padding, 0, layout), window, strides, dilation, layout)
         weights = (
             kernel.reshape(kernel.shape[layout.kernel_in_axis], -1)
             if layout.channels_last
-            else kernel.reshape(-1, cig).T
+            else kernel.reshape(-1, kernel.shape[layout.kernel_in_axis]).T
         )
         y = lax.dot_general(xs, weights, (((layout.channel_axis,), (0,)), ((), ())), precision=precision)
         return jnp.moveaxis(y, -1, layout.channel_axis)
-    if groups == 1 and cig > 1:
+    if tactic == "conv":
         return lax.conv_general_dilated(
             x,
             kernel,
@@ -312,8 +439,8 @@ def _correlate(x, kernel, strides, padding, dilation, groups, layout: Layout, pr
             dimension_numbers=layout.dimension_numbers,
             precision=precision,
         )
-    if cig > _UNROLLED_MAX_GROUP_CHANNELS:
-        geometry = {"strides": strides, "padding": padding, "dilation": dilation, "layout": layout}
+    if tactic == "per_group":
+        geometry = {"strides": strides, "padding": padding, "dilation": dilation, "layout": layout, "limits": limits}
         c = layout.channel_axis
         return _per_group(_correlate, groups, x, c, kernel, layout.kernel_out_axis, c, **geometry, precision=precision)
     return _unrolled_correlate(x, kernel, strides, padding, dilation, groups, layout, buffered)
@@ -429,7 +556,6 @@ def _unrolled_correlate(x, kernel, strides, padding, dilation, groups, layout: L
 # axis are folded into the output channels (LeNet-5's second layer, 64x14x14x6 -> 16, 5x5: 0.95
 # -> 0.56 ms; its training step 14.7 -> 11.5 ms), and with one input channel the taps of every
 # axis, which leaves a matrix product (its first layer: 1.5 -> 0.5 ms).
-_FOLD_BELOW_CHANNELS = 8
 
 
 def _folds(cin: int, n: int) -> int:
@@ -437,11 +563,11 @@ def _folds(cin: int, n: int) -> int:
     return n if cin == 1 else 1
 
 
-def _folded(groups: int, cin: int, strides) -> bool:
+def _folded(groups: int, cin: int, strides, limits: Limits) -> bool:
     """Whether ``_conv_input_grad`` folds taps into channels: ungrouped, few input channels, and
     stride 1 along the axes not folded."""
     n = len(strides)
-    return groups == 1 and cin < _FOLD_BELOW_CHANNELS and all(s == 1 for s in strides[: n - _folds(cin, n)])
+    return groups == 1 and cin < limits.fold_below_channels and all(s == 1 for s in strides[: n - _folds(cin, n)])
 
 
 def _folded_input_grad(dy, kernel, input_spatial, strides, padding, dilation, layout: Layout, precision):
@@ -486,7 +612,9 @@ def _folded_input_grad(dy, kernel, input_spatial, strides, padding, dilation, la
     return _write_back(parts, input_spatial, folded_window, folded_strides, padding, folded_dilation, layout)
 
 
-def _conv_input_grad(dy, kernel, input_spatial, strides, padding, dilation, groups, layout: Layout, precision):
+def _conv_input_grad(
+    dy, kernel, input_spatial, strides, padding, dilation, groups, layout: Layout, precision, limits: Limits
+):
     """docs/backprop.md, conv backprop: ``delta_l = pad(dilate(delta_{l+1}, s)) (*) rot180(W)``, in/out swapped.
 
     Per input phase ``r``: the taps ``a`` with ``r + lo - a*d = 0 (mod s)``, rotated 180 degrees,
@@ -495,7 +623,7 @@ def _conv_input_grad(dy, kernel, input_spatial, strides, padding, dilation, grou
     Ungrouped convs of few input channels fold the taps of the last axis (of every axis, with one
     channel) into the channels instead (``_folded_input_grad``)."""
     window = _kernel_window(kernel.shape, layout)
-    if _folded(groups, kernel.shape[layout.kernel_in_axis], strides):
+    if _folded(groups, kernel.shape[layout.kernel_in_axis], strides, limits):
         return _folded_input_grad(dy, kernel, input_spatial, strides, padding, dilation, layout, precision)
     swapped = _kernel_from_groups(jnp.swapaxes(_kernel_to_groups(kernel, groups, layout), -1, -2), layout)
     count = [-(-n // s) for n, s in zip(input_spatial, strides, strict=True)]
@@ -533,6 +661,7 @@ def _conv_input_grad(dy, kernel, input_spatial, strides, padding, dilation, grou
                 groups,
                 layout,
                 precision,
+                limits,
                 buffered=math.prod(strides) == 1,  # one phase: the gradient itself
             )
         )
@@ -544,34 +673,27 @@ def _conv_input_grad(dy, kernel, input_spatial, strides, padding, dilation, grou
 # positions is 1.5-3x faster on large inputs (32x56x56x64 -> 64, 3x3: 33 ms in one-image chunks
 # vs 92 ms in one piece; 8x224x224x3 -> 64, 7x7/2: 72 vs 184 ms). Inputs under 1 MiB stay in one
 # piece (chunking LeNet's first layer doubles its time), and there are at most 32 chunks, to bound
-# the compiled program.
-_KERNEL_GRAD_CHUNK_POSITIONS = 1024
-_KERNEL_GRAD_UNCHUNKED_BYTES = 1 << 20
-_KERNEL_GRAD_MAX_CHUNKS = 32
-
-
-def _conv_kernel_grad(x, dy, window, strides, padding, dilation, groups, layout: Layout, precision):
+# the compiled program (``Limits.kernel_grad_*``).
+def _conv_kernel_grad(x, dy, g: ConvGeometry, precision, limits: Limits):
     """docs/backprop.md, conv backprop: ``dW[a] = sum_{n, x} delta[n, x] * X_pad[n, x*s + a*d]``.
 
     Three forms of the one formula: depthwise convs take a product and a sum per tap; a one-tap
     (1x1) kernel is one matrix product ``X^T delta``; otherwise the notes' ``dW = delta (*) a_{l-1}``,
     a correlation of the input with ``delta``, summed over batch chunks (grouped convs: one
-    correlation per group)."""
-    geometry = (window, strides, padding, dilation, groups, layout)
-    if _depthwise(groups, layout.channels(x.shape) // groups, layout.channels(dy.shape) // groups):
-        return _depthwise_kernel_grad(x, dy, *geometry)
-    if math.prod(window) == 1:
+    correlation per group). Which one: :func:`plan`."""
+    p = plan("kernel_grad", g, x, dy, limits=limits)
+    geometry = (g.window, g.strides, g.padding, g.dilation, g.groups, g.layout)
+    if p.tactic in ("per_tap", "tap_loop"):
+        return _depthwise_kernel_grad(x, dy, *geometry, looped=p.tactic == "tap_loop", limits=limits)
+    if p.tactic == "matmul":
         return _pointwise_kernel_grad(x, dy, *geometry, precision)
-    if groups > 1:
-        c = layout.channel_axis
-        dense = {"window": window, "strides": strides, "padding": padding, "dilation": dilation, "layout": layout}
-        return _per_group(_conv_kernel_grad, groups, x, c, dy, c, layout.kernel_out_axis, **dense, precision=precision)
-    batch = x.shape[0]
-    positions = math.prod(layout.spatial(dy.shape))
-    chunk = max(-(-_KERNEL_GRAD_CHUNK_POSITIONS // positions), -(-batch // _KERNEL_GRAD_MAX_CHUNKS))
-    if x.size * x.dtype.itemsize < _KERNEL_GRAD_UNCHUNKED_BYTES:
-        chunk = batch
-    g = ConvGeometry(layout, layout.spatial(x.shape), window, strides, padding, dilation, groups)
+    if p.tactic == "per_group":
+        c, dense = g.layout.channel_axis, dataclasses.replace(g, groups=1)
+        parts = zip(jnp.split(x, g.groups, c), jnp.split(dy, g.groups, c), strict=True)
+        return jnp.concatenate(
+            [_conv_kernel_grad(xi, dyi, dense, precision, limits) for xi, dyi in parts], g.layout.kernel_out_axis
+        )
+    chunk, batch = p.chunk, x.shape[0]
     parts = [backprop.kernel_grad(x[i : i + chunk], dy[i : i + chunk], g, precision) for i in range(0, batch, chunk)]
     return functools.reduce(jnp.add, parts)
 
@@ -589,18 +711,19 @@ def _pointwise_kernel_grad(x, dy, window, strides, padding, dilation, groups, la
 
 
 # A depthwise kernel gradient's per-tap slab sums are most of its compile time, which grows with
-# the taps. Past ``_MAX_UNROLLED_KERNEL_GRAD_TAPS`` taps they run in a ``fori_loop`` over the
+# the taps. Past ``Limits.unrolled_kernel_grad_taps`` taps they run in a ``fori_loop`` over the
 # taps, one body compiled once, reading each tap through a dynamic slice of a padded copy: a 5x5
 # layer's jit(grad) (both arguments) compiled in 2.1 s against 3.3 s unrolled (8x40x40x16; 8x112x112x32:
 # 2.8 against 4.6 s) and ran 1.6-1.8x slower (8.2 against 4.5 ms; 185 against 117 ms, same run),
 # still far faster than XLA's grouped-conv kernel gradient.
-_MAX_UNROLLED_KERNEL_GRAD_TAPS = 9
 
 
-def _depthwise_kernel_grad(x, dy, window, strides, padding, dilation, groups, layout: Layout):
+def _depthwise_kernel_grad(
+    x, dy, window, strides, padding, dilation, groups, layout: Layout, *, looped: bool, limits: Limits
+):
     """Per tap ``a``: ``dW[a] = sum_{n, x} X_pad[n, x*s + a*d] * delta[n, x]`` within each group
     (one input or one output channel per group: the product broadcasts the one over the other),
-    unrolled over the taps up to ``_MAX_UNROLLED_KERNEL_GRAD_TAPS``, else a loop over them."""
+    unrolled over the taps, or ``looped`` over them."""
     cig, cog = layout.channels(x.shape) // groups, layout.channels(dy.shape) // groups
     c, split = layout.channel_axis, not cig == cog == 1  # no split: a size-1 axis costs XLA a copy per tap
     spatial = tuple(a + (split and a > c) for a in layout.spatial_axes)  # in the product
@@ -626,7 +749,7 @@ def _depthwise_kernel_grad(x, dy, window, strides, padding, dilation, groups, la
 
     out = layout.spatial(dy.shape)
     shape, taps = product_shape(out), math.prod(window)
-    if taps > _MAX_UNROLLED_KERNEL_GRAD_TAPS:
+    if looped:
         xp = _pad_spatial(x, padding, 0, layout)
         offsets = jnp.asarray([[a * d for a, d in zip(tap, dilation, strict=True)] for tap in _taps(window)])
 
@@ -639,7 +762,7 @@ def _depthwise_kernel_grad(x, dy, window, strides, padding, dilation, groups, la
             def block(start, limit):
                 return product(cut(xs, start, limit), cut(dy, start, limit))
 
-            return lax.dynamic_update_slice_in_dim(grads, _sum_all_but([(block, shape)], shape, keep), t, 0)
+            return lax.dynamic_update_slice_in_dim(grads, _sum_all_but([(block, shape)], shape, keep, limits), t, 0)
 
         grads = jnp.zeros((taps, groups * cig * cog), jnp.result_type(x, dy))
         grads = lax.fori_loop(0, taps, tap_grad, grads)
@@ -661,7 +784,7 @@ def _depthwise_kernel_grad(x, dy, window, strides, padding, dilation, groups, la
             return product(cut(xs, start, limit), cut(dys, start, limit))
 
         products.append((block, product_shape(count)))
-    sums = iter(_sum_all_but(products, shape, keep) if products else ())
+    sums = iter(_sum_all_but(products, shape, keep, limits) if products else ())
     grads = [next(sums) if m else jnp.zeros(groups * cig * cog, jnp.result_type(x, dy)) for m in met]
     return _kernel_from_groups(jnp.stack(grads).reshape(*window, groups, cig, cog), layout)
 
@@ -736,18 +859,17 @@ def _max_pool_grad(dy, index, w: PoolGeometry):
 
 
 # ---------------------------------------------------------------------------------------------
-# Entry points (the CPU lowerings), each with its limits: past them, the plain formula.
+# Entry points (the CPU lowerings): the schedule :func:`plan` chooses, or the plain formula.
 
 # Unrolled schedules emit a few operations per window tap (per phase, per slab, per border
 # strip), and XLA's compile time grows with them: a 13x13 depthwise conv's first jit(grad) took
-# 16-26 s unrolled against 0.3 s for lax's convolution, a 7x7 max pool 11-20 s. Past these sizes
-# the plain formulas run instead (experiments/bench_compile.py measures both). A dense conv's
-# gradients are not unrolled over the taps (a correlation per batch chunk, at most 32; an XLA
-# convolution per stride phase) unless its input gradient folds taps into channels: they keep
-# their schedules past them (ResNet's 7x7/2 stem, 8x224x224x3 -> 64, forward+backward on the Zen
-# 3 host: 934 ms with XLA's gradients, 185-191 ms scheduled).
-_MAX_UNROLLED_TAPS = 25
-_MAX_UNROLLED_GROUPS = 32
+# 16-26 s unrolled against 0.3 s for lax's convolution, a 7x7 max pool 11-20 s. Past
+# ``Limits.unrolled_taps`` and ``Limits.unrolled_groups`` the plain formulas run instead
+# (experiments/bench_compile.py measures both). A dense conv's gradients are not unrolled over the
+# taps (a correlation per batch chunk, at most 32; an XLA convolution per stride phase) unless its
+# input gradient folds taps into channels: they keep their schedules past them (ResNet's 7x7/2
+# stem, 8x224x224x3 -> 64, forward+backward on the Zen 3 host: 934 ms with XLA's gradients, 185-191
+# ms scheduled).
 
 
 def _scheduled(*arrays) -> bool:
@@ -755,85 +877,67 @@ def _scheduled(*arrays) -> bool:
     return all(a.dtype == np.float32 and all(isinstance(d, int) and d > 0 for d in a.shape) for a in arrays)
 
 
-def _unrolled_conv_fits(g: ConvGeometry, cig: int, cog: int) -> bool:
-    """Whether a conv's schedules stay within the unrolling limits: window taps (per-tap products,
-    phases, write-backs) and, for grouped convs that are not depthwise, groups (one dense conv
-    per group)."""
-    per_group = g.groups > 1 and not _depthwise(g.groups, cig, cog)
-    return math.prod(g.window) <= _MAX_UNROLLED_TAPS and not (per_group and g.groups > _MAX_UNROLLED_GROUPS)
-
-
 def _channels(kernel, g: ConvGeometry) -> tuple[int, int]:
     """``(C_in // G, C_out // G)`` of a forward kernel."""
     return kernel.shape[g.layout.kernel_in_axis], kernel.shape[g.layout.kernel_out_axis] // g.groups
 
 
-def correlate(x, kernel, g: ConvGeometry, precision=None):
+def correlate(x, kernel, g: ConvGeometry, precision=None, limits: Limits = LIMITS):
     """:func:`cnnjax.backprop.correlate`, scheduled (``_correlate``)."""
-    if not (_scheduled(x, kernel) and _unrolled_conv_fits(g, *_channels(kernel, g))):
+    if plan("correlate", g, x, kernel, limits=limits).tactic == "formula":
         return backprop.correlate(x, kernel, g, precision)
-    return _correlate(x, kernel, g.strides, g.padding, g.dilation, g.groups, g.layout, precision)
+    return _correlate(x, kernel, g.strides, g.padding, g.dilation, g.groups, g.layout, precision, limits)
 
 
-def input_grad(dy, kernel, g: ConvGeometry, precision=None):
+def input_grad(dy, kernel, g: ConvGeometry, precision=None, limits: Limits = LIMITS):
     """:func:`cnnjax.backprop.input_grad`, scheduled per stride phase (``_conv_input_grad``). A
     dense conv's phases are XLA convolutions, not unrolled over the taps, unless it folds taps into
     channels or has one output channel; it keeps its schedule at any window size."""
-    cig, cog = _channels(kernel, g)
-    per_tap = g.groups > 1 or cog == 1 or _folded(g.groups, cig, g.strides)
-    fits = (not per_tap or _unrolled_conv_fits(g, cig, cog)) and math.prod(g.strides) <= _MAX_UNROLLED_TAPS
-    if not (_scheduled(dy, kernel) and fits):
+    if plan("input_grad", g, dy, kernel, limits=limits).tactic == "formula":
         return backprop.input_grad(dy, kernel, g, precision)
-    dx = _conv_input_grad(dy, kernel, g.input_spatial, g.strides, g.padding, g.dilation, g.groups, g.layout, precision)
-    return dx.astype(dy.dtype)
+    geometry = (g.input_spatial, g.strides, g.padding, g.dilation, g.groups, g.layout)
+    return _conv_input_grad(dy, kernel, *geometry, precision, limits).astype(dy.dtype)
 
 
-def kernel_grad(x, dy, g: ConvGeometry, precision=None):
+def kernel_grad(x, dy, g: ConvGeometry, precision=None, limits: Limits = LIMITS):
     """:func:`cnnjax.backprop.kernel_grad`, scheduled (``_conv_kernel_grad``). Only a depthwise
     conv's is unrolled over the taps; the others keep their schedule at any window size."""
-    cig, cog = (g.layout.channels(a.shape) // g.groups for a in (x, dy))
-    fits = _unrolled_conv_fits(g, cig, cog) if _depthwise(g.groups, cig, cog) else g.groups <= _MAX_UNROLLED_GROUPS
-    if not (_scheduled(x, dy) and fits):
+    if plan("kernel_grad", g, x, dy, limits=limits).tactic == "formula":
         return backprop.kernel_grad(x, dy, g, precision)
-    dk = _conv_kernel_grad(x, dy, g.window, g.strides, g.padding, g.dilation, g.groups, g.layout, precision)
-    return dk.astype(x.dtype)
+    return _conv_kernel_grad(x, dy, g, precision, limits).astype(x.dtype)
 
 
-def _unrolled_pool_fits(w: PoolGeometry) -> bool:
-    return math.prod(w.window) <= _MAX_UNROLLED_TAPS
-
-
-def window_argmax(x, w: PoolGeometry, select: str = "max"):
+def window_argmax(x, w: PoolGeometry, select: str = "max", limits: Limits = LIMITS):
     """:func:`cnnjax.backprop.window_argmax`, as one fold over the taps (``_max_pool_argmax``)."""
-    if not (_scheduled(x) and _unrolled_pool_fits(w)):
+    if plan("window_max", w, x, limits=limits).tactic == "formula":
         return backprop.window_argmax(x, w, select)
     return _max_pool_argmax(x, w, select)
 
 
-def window_max(x, w: PoolGeometry, select: str = "max"):
+def window_max(x, w: PoolGeometry, select: str = "max", limits: Limits = LIMITS):
     """:func:`cnnjax.backprop.window_max`, as the fold over the taps that also records each max id
     (``_max_pool_argmax``; XLA drops the ids where nothing reads them, and computes the fold once
     where the gradient reads them too)."""
-    if not (_scheduled(x) and _unrolled_pool_fits(w)):
+    if plan("window_max", w, x, limits=limits).tactic == "formula":
         return backprop.window_max(x, w, select)
     return _max_pool_argmax(x, w, select)[0]
 
 
-def window_max_gather(t, x, w: PoolGeometry, select: str = "max"):
+def window_max_gather(t, x, w: PoolGeometry, select: str = "max", limits: Limits = LIMITS):
     """:func:`cnnjax.backprop.window_max_gather` at the max ids of ``_max_pool_argmax``."""
-    return backprop.tap_gather(t, window_argmax(x, w, select)[1], w)
+    return backprop.tap_gather(t, window_argmax(x, w, select, limits)[1], w)
 
 
-def window_max_scatter(dy, x, w: PoolGeometry, select: str = "max"):
+def window_max_scatter(dy, x, w: PoolGeometry, select: str = "max", limits: Limits = LIMITS):
     """:func:`cnnjax.backprop.window_max_scatter`, written back per output phase from the max ids
     of ``_max_pool_argmax`` (``_max_pool_grad``)."""
-    if not (_scheduled(dy, x) and _unrolled_pool_fits(w)):
+    if plan("window_max", w, dy, x, limits=limits).tactic == "formula":
         return backprop.window_max_scatter(dy, x, w, select)
     return _max_pool_grad(dy, _max_pool_argmax(x, w, select)[1], w)
 
 
-def window_sum_transpose(dy, w: PoolGeometry):
+def window_sum_transpose(dy, w: PoolGeometry, limits: Limits = LIMITS):
     """:func:`cnnjax.backprop.window_sum_transpose`, written back per output phase (``_sum_pool_grad``)."""
-    if not (_scheduled(dy) and _unrolled_pool_fits(w)):
+    if plan("window_sum_transpose", w, dy, limits=limits).tactic == "formula":
         return backprop.window_sum_transpose(dy, w)
     return _sum_pool_grad(dy, w)

@@ -19,7 +19,7 @@ from jax import lax
 from jax.test_util import check_grads
 
 from cnnjax._canon import Layout
-from cnnjax._cpu import _UNROLLED_MAX_GROUP_CHANNELS
+from cnnjax._cpu import LIMITS
 from cnnjax.backprop import (
     avg_pool_grad,
     conv_bias_grad,
@@ -154,8 +154,8 @@ CONV_KINDS = {
     "grouped_one_output": (2, 2, 1),
     # more input channels per group than the per-tap products take: one dense conv per group
     # (forward here; the input gradient, whose kernel swaps in and out, in the second)
-    "grouped_wide_in": (2, _UNROLLED_MAX_GROUP_CHANNELS + 1, 2),
-    "grouped_wide_out": (2, 2, _UNROLLED_MAX_GROUP_CHANNELS + 1),
+    "grouped_wide_in": (2, LIMITS.unrolled_group_channels + 1, 2),
+    "grouped_wide_out": (2, 2, LIMITS.unrolled_group_channels + 1),
     "depthwise": (3, 1, 1),
     "depthwise_multiplier": (2, 1, 2),
 }

@@ -19,10 +19,17 @@ def assert_close(actual, expected, rtol=2e-5):
     np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=rtol, atol=atol)
 
 
-# Products of more than _cpu._SLAB_SIZE elements are summed in slabs before the reduction; odd
+def _geometry(lay, x_shape, window, strides, padding, dilation=1, groups=1):
+    rank = lay.spatial_rank
+    pads = padding if isinstance(padding, tuple) else ((padding, padding),) * rank
+    tup = lambda v, name: canonicalize_tuple(v, rank, name, "test")
+    return ConvGeometry(lay, lay.spatial(x_shape), window, tup(strides, "strides"), pads, tup(dilation, "d"), groups)
+
+
+# Products of more than Limits.slab_size elements are summed in slabs before the reduction; odd
 # sizes leave a short last slab, padded with zeros. A smaller slab size makes these (and CI)
 # small: 16 slabs, 3 along the batch and 5 of 13 rows (the last one short) along the height. The
-# taps' slab sums are joined (padded to one shape) up to _cpu._JOIN_SIZE elements: all nine taps,
+# taps' slab sums are joined (padded to one shape) up to Limits.join_size elements: all nine taps,
 # each alone (built in halves), or groups of four (13,104-element slabs; the last group alone).
 @pytest.mark.parametrize(
     "layout, groups, cig, cog, strides, join",
@@ -33,28 +40,24 @@ def assert_close(actual, expected, rtol=2e-5):
         ("NCHW", 8, 2, 1, 2, 1 << 20),
     ],
 )
-def test_depthwise_kernel_grad_in_slabs_equals_autodiff(layout, groups, cig, cog, strides, join, monkeypatch):
-    monkeypatch.setattr(_cpu, "_SLAB_SIZE", 1 << 12)
-    monkeypatch.setattr(_cpu, "_JOIN_SIZE", join)
-    jax.clear_caches()  # programs compiled with the default slab size
+def test_depthwise_kernel_grad_in_slabs_equals_autodiff(layout, groups, cig, cog, strides, join):
+    limits = _cpu.Limits(slab_size=1 << 12, join_size=join)
     lay = Layout(layout == "NHWC", 2)
     rng = np.random.default_rng(groups + cig + cog + strides)
     x = jnp.asarray(rng.normal(size=lay.shape(3 * strides**2, (61, 63), groups * cig)), jnp.float32)
     kshape = (3, 3, cig, groups * cog) if lay.channels_last else (groups * cog, cig, 3, 3)
     kernel = jnp.asarray(rng.normal(size=kshape), jnp.float32)
     geometry = {"strides": (strides,) * 2, "padding": 1, "feature_group_count": groups, "layout": layout}
-    y, vjp = jax.vjp(lambda x, k: conv(x, k, **geometry, impl="lax"), x, kernel)
-    assert y.size * cig > _cpu._SLAB_TERMS * _cpu._SLAB_SIZE  # the slab path, all 16 slabs
+    y, vjp = jax.vjp(lambda k: conv(x, k, **geometry, impl="lax"), kernel)
+    assert y.size * cig > limits.slab_terms * limits.slab_size  # the slab path, all 16 slabs
     dy = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
-    dx_ref, dk_ref = vjp(dy)
-    y_closed, vjp_closed = jax.vjp(lambda x, k: conv(x, k, **geometry, impl="auto"), x, kernel)
-    dx, dk = vjp_closed(dy)
-    assert_close(y_closed, y)
-    assert_close(dx, dx_ref)
-    assert_close(dk, dk_ref, rtol=1e-4)  # sums of 6,000 products in another order
+    g = _geometry(lay, x.shape, (3, 3), strides, 1, groups=groups)
+    assert _cpu.plan("kernel_grad", g, x, dy, limits=limits).tactic == "per_tap"
+    dk = jax.jit(lambda x, dy: _cpu.kernel_grad(x, dy, g, limits=limits))(x, dy)
+    assert_close(dk, vjp(dy)[0], rtol=1e-4)  # sums of 6,000 products in another order
 
 
-# Past _MAX_UNROLLED_KERNEL_GRAD_TAPS taps the depthwise kernel gradient loops over the taps
+# Past Limits.unrolled_kernel_grad_taps taps the depthwise kernel gradient loops over the taps
 # (a dynamic slice of a padded copy per tap): every padding, stride and dilation, one or several
 # channels per group, both layouts, and taps that meet only padding.
 @pytest.mark.parametrize("layout", ["NHWC", "NCHW", "NWC"])
@@ -66,7 +69,6 @@ def test_depthwise_kernel_grad_looped_over_taps_equals_autodiff(layout, cig, cog
     rank = len(layout) - 2
     lay = Layout(layout.endswith("C"), rank)
     window, size = ((4, 5), (9, 10)) if rank == 2 else ((11,), (24,))
-    assert np.prod(window) > _cpu._MAX_UNROLLED_KERNEL_GRAD_TAPS  # the loop runs
     padding = padding[:rank] if isinstance(padding, tuple) else padding
     strides = strides[:rank] if isinstance(strides, tuple) else strides
     rng = np.random.default_rng(cig + 2 * cog)
@@ -77,6 +79,8 @@ def test_depthwise_kernel_grad_looped_over_taps_equals_autodiff(layout, cig, cog
     geometry = {"strides": strides, "padding": padding, "kernel_dilation": dilation, "feature_group_count": groups}
     y, vjp = jax.vjp(lambda x, k: conv(x, k, **geometry, layout=layout, impl="lax"), x, kernel)
     dy = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+    g = _geometry(lay, x.shape, window, strides, 0, dilation, groups)  # the plan does not read padding
+    assert _cpu.plan("kernel_grad", g, x, dy).tactic == "tap_loop"  # the loop runs
     _, vjp_auto = jax.vjp(lambda x, k: conv(x, k, **geometry, layout=layout, impl="auto"), x, kernel)
     assert_close(vjp_auto(dy)[1], vjp(dy)[1])
 
@@ -194,39 +198,62 @@ def _hlo(f, *args):
 
 
 def test_large_windows_fall_back_to_the_formulas():
-    x = jnp.ones((1, 16, 16, 4))
-    big = jnp.ones((9, 9, 1, 4))  # 81 taps > _MAX_UNROLLED_TAPS
-    small = jnp.ones((3, 3, 1, 4))
-    assert _hlo(lambda x, k: depthwise_conv(x, k, padding="SAME"), x, big).count("convolution(") == 1
-    assert _hlo(lambda x, k: depthwise_conv(x, k, padding="SAME"), x, small).count("convolution(") == 0
-    assert "reduce_window" in _hlo(lambda x: max_pool(x, 9, 1, 4), x)
-    assert "reduce_window" not in _hlo(lambda x: max_pool(x, 3, 1, 1), x)
+    lay = Layout(True, 2)
+    x, f32 = jax.ShapeDtypeStruct((1, 16, 16, 4), "float32"), jax.ShapeDtypeStruct
+    for window, tactic in [((9, 9), "formula"), ((3, 3), "per_tap")]:  # 81 taps > Limits.unrolled_taps
+        g = _geometry(lay, x.shape, window, 1, window[0] // 2, groups=4)
+        assert _cpu.plan("correlate", g, x, f32((*window, 1, 4), "float32")).tactic == tactic
+    for window, tactic in [(9, "formula"), (3, "fold")]:
+        w = pool_geometry("test", x.shape, lay, window, 1, window // 2, 1, False)
+        assert _cpu.plan("window_max", w, x).tactic == tactic
+    # and the lowering follows the plan
+    hlo = _hlo(lambda x, k: depthwise_conv(x, k, padding="SAME"), jnp.ones(x.shape), jnp.ones((9, 9, 1, 4)))
+    assert hlo.count("convolution(") == 1
+    assert "reduce_window" in _hlo(lambda x: max_pool(x, 9, 1, 4), jnp.ones(x.shape))
 
 
 # A dense conv's gradients are not unrolled over the taps (batch chunks for the kernel, stride
-# phases for the input), so ResNet's 7x7/2 stem keeps both schedules past _MAX_UNROLLED_TAPS (XLA's
-# own gradients of that stem: 4-5x slower).
-def test_dense_conv_grads_keep_their_schedules_past_the_tap_limit(monkeypatch):
-    monkeypatch.setattr(_cpu, "_KERNEL_GRAD_UNCHUNKED_BYTES", 0)
-    monkeypatch.setattr(_cpu, "_KERNEL_GRAD_CHUNK_POSITIONS", 1)  # one image per chunk
-    jax.clear_caches()
+# phases for the input), so ResNet's 7x7/2 stem keeps both schedules past Limits.unrolled_taps
+# (XLA's own gradients of that stem: 4-5x slower).
+def test_dense_conv_grads_keep_their_schedules_past_the_tap_limit():
+    limits = _cpu.Limits(kernel_grad_unchunked_bytes=0, kernel_grad_chunk_positions=1)  # one image per chunk
     rng = np.random.default_rng(7)
     x = jnp.asarray(rng.normal(size=(4, 20, 20, 8)), jnp.float32)  # 8 channels: not folded
-    k = jnp.asarray(rng.normal(size=(7, 7, 8, 5)), jnp.float32)  # 49 taps > _MAX_UNROLLED_TAPS
+    k = jnp.asarray(rng.normal(size=(7, 7, 8, 5)), jnp.float32)  # 49 taps > Limits.unrolled_taps
+    y, vjp = jax.vjp(lambda x, k: conv(x, k, strides=2, padding=3, impl="lax"), x, k)
+    dy = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+    g = _geometry(Layout(True, 2), x.shape, (7, 7), 2, 3)
+    assert _cpu.plan("kernel_grad", g, x, dy, limits=limits) == _cpu.Plan("chunks", 1)
+    assert _cpu.plan("kernel_grad", g, x, dy) == _cpu.Plan("chunks", 4)  # under 1 MiB: one piece
+    assert _cpu.plan("input_grad", g, dy, k).tactic == "phases"
+    dx_ref, dk_ref = vjp(dy)
+    assert_close(jax.jit(lambda dy, k: _cpu.input_grad(dy, k, g))(dy, k), dx_ref)
+    dk = jax.jit(lambda x, dy: _cpu.kernel_grad(x, dy, g, limits=limits))
+    assert_close(dk(x, dy), dk_ref)
+    assert _hlo(lambda x, dy: _cpu.kernel_grad(x, dy, g, limits=limits), x, dy).count("convolution(") == 4
 
-    def grad(impl):
-        return jax.grad(lambda x, k: jnp.sum(conv(x, k, strides=2, padding=3, impl=impl) ** 2), argnums=(0, 1))
 
-    # the forward, a kernel gradient per image, an input gradient per stride phase
-    assert _hlo(grad("auto"), x, k).count("convolution(") == 1 + 4 + 4
-    assert _hlo(grad("lax"), x, k).count("convolution(") == 3
-    for auto, lax_ in zip(jax.jit(grad("auto"))(x, k), jax.jit(grad("lax"))(x, k), strict=True):
-        assert_close(auto, lax_)
-    jax.clear_caches()  # programs compiled with the patched chunks
+def test_plans_of_the_table():
+    lay, f32 = Layout(True, 2), lambda *shape: jax.ShapeDtypeStruct(shape, "float32")
+    g1 = _geometry(lay, (8, 28, 28, 1), (5, 5), 1, 0)
+    assert _cpu.plan("correlate", g1, f32(8, 28, 28, 1), f32(5, 5, 1, 6)).tactic == "per_tap"  # one channel
+    assert _cpu.plan("input_grad", g1, f32(8, 24, 24, 6), f32(5, 5, 1, 6)).tactic == "folded"
+    dense = _geometry(lay, (8, 14, 14, 16), (1, 1), 1, 0)
+    assert _cpu.plan("correlate", dense, f32(8, 14, 14, 16), f32(1, 1, 16, 32)).tactic == "matmul"
+    assert _cpu.plan("kernel_grad", dense, f32(8, 14, 14, 16), f32(8, 14, 14, 32)).tactic == "matmul"
+    grouped = _geometry(lay, (8, 14, 14, 64), (3, 3), 1, 1, groups=2)
+    assert _cpu.plan("correlate", grouped, f32(8, 14, 14, 64), f32(3, 3, 32, 64)).tactic == "per_group"
+    assert _cpu.plan("kernel_grad", grouped, f32(8, 14, 14, 64), f32(8, 14, 14, 64)).tactic == "per_group"
+    w = pool_geometry("test", (8, 14, 14, 4), lay, 2, 2, 0, 1, False)
+    assert _cpu.plan("window_sum_transpose", w, f32(8, 7, 7, 4)).tactic == "write_back"
+    with pytest.raises(ValueError, match="plan: op must be one of"):
+        _cpu.plan("conv", g1, f32(8, 28, 28, 1), f32(5, 5, 1, 6))
 
 
 def test_schedules_only_take_float32():
+    g = _geometry(Layout(True, 2), (1, 8, 8, 4), (3, 3), 1, 1, groups=4)
     x, k = jnp.ones((1, 8, 8, 4), jnp.bfloat16), jnp.ones((3, 3, 1, 4), jnp.bfloat16)
+    assert _cpu.plan("correlate", g, x, k).tactic == "formula"
     assert _hlo(lambda x, k: depthwise_conv(x, k, padding="SAME"), x, k).count("convolution(") == 1
 
 
