@@ -70,8 +70,9 @@ def _over_batch_axes(x, rank: int | None, call: Callable):
     goes to ``call`` as it is: the functional ops take unbatched inputs themselves."""
     if rank is None or jnp.ndim(x) <= rank + 2:
         return call(x)
-    batch = jnp.shape(x)[: jnp.ndim(x) - rank - 1]
-    y = call(jnp.reshape(x, (math.prod(batch), *jnp.shape(x)[len(batch) :])))
+    x = jnp.asarray(x)
+    batch = x.shape[: x.ndim - rank - 1]
+    y = call(jnp.reshape(x, (math.prod(batch), *x.shape[len(batch) :])))
     return y.reshape(*batch, *y.shape[1:])
 
 

@@ -81,7 +81,7 @@ def _require_real(x, op: str) -> None:
 def _input(op: str, x, layout, per_dim=None, arg: str = "x"):
     """The rank rule (:func:`cnnjax._canon.layout_of`; ``per_dim``: ``(name, value)`` of a
     ``window_shape``/``output_size``): ``(x with a batch axis, Layout, batched)``."""
-    layout, batched = layout_of(jnp.shape(x), layout, op, per_dim=per_dim, arg=arg)
+    layout, batched = layout_of(np.shape(x), layout, op, per_dim=per_dim, arg=arg)
     return with_batch_axis(x, batched), layout, batched
 
 

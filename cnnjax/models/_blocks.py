@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from cnnjax import nn
@@ -34,8 +35,11 @@ def scale_width(features: int, width_multiplier: float) -> int:
 
 
 def check_images(x, in_features: int, op: str) -> None:
-    """Raise ``ValueError`` unless ``x`` is a batch of NHWC images with ``in_features`` channels."""
-    shape = jnp.shape(x)
+    """Raise ``ValueError`` unless ``x`` is a batch of NHWC images with ``in_features`` channels.
+
+    Reads the shape in Python (``np.shape``: also a symbolic batch under ``jax.export`` and
+    ``jax2onnx``, which replaces ``jnp.shape`` by a traced op while it converts)."""
+    shape = np.shape(x)
     if len(shape) != 4 or shape[-1] != in_features:
         raise ValueError(f"{op}: x must be NHWC images (N, H, W, {in_features}), got shape {shape}")
 
