@@ -109,6 +109,15 @@ def _node(ctx, op: str, inputs, shape, name: str | None = None, **attributes):
     return value
 
 
+def _transposed(ctx, value, perm, shape):
+    """``value`` transposed by ``perm``: a constant (a layer's weights) as a transposed initializer,
+    anything else through a ``Transpose`` node."""
+    if value.const_value is not None:
+        array = np.transpose(value.const_value.numpy(), perm)
+        return ctx.builder.add_initializer_from_array(ctx.fresh_name("kernel"), array)
+    return _node(ctx, "Transpose", [value], _permuted(shape, perm), perm=perm)
+
+
 def _pads(pairs) -> list[int]:
     """``(lo, hi)`` per spatial dim -> ONNX's ``pads``: every begin, then every end."""
     return [lo for lo, _ in pairs] + [hi for _, hi in pairs]
@@ -138,8 +147,7 @@ def _lower_channels_first(ctx, eqn, op: str, *, negate: bool = False, scale: flo
     for k_var in kernel_var:
         kernel = ctx.get_value_for_var(k_var, name_hint=ctx.fresh_name("kernel"))
         if layout.channels_last:
-            to_oihw = (rank - 1, rank - 2, *range(rank - 2))
-            kernel = _node(ctx, "Transpose", [kernel], _permuted(k_var.aval.shape, to_oihw), perm=to_oihw)
+            kernel = _transposed(ctx, kernel, (rank - 1, rank - 2, *range(rank - 2)), k_var.aval.shape)
         inputs.append(kernel)
     last = not (layout.channels_last or negate or scale is not None)
     y = _node(ctx, op, inputs, y_first, out_name if last else None, **attributes)
@@ -307,6 +315,9 @@ def to_onnx(
         output_names=["logits"],
         **({} if opset is None else {"opset": opset}),
     )
+    # jax2onnx's transpose folding can leave an intermediate value's NHWC shape annotation on
+    # what became NCHW data, which ONNX Runtime's shape inference rejects: runtimes infer them.
+    del proto.graph.value_info[:]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     external = proto.ByteSize() > _PROTOBUF_LIMIT
