@@ -304,13 +304,11 @@ def to_onnx(
 
     _register_onnx_lowerings()
     inference = _inference_copy(model)
-    nchw = layout == "NCHW"
-    shape = (n, channels, height, width) if nchw else (n, height, width, channels)
     proto = jax2onnx.to_onnx(
         lambda x: inference(x),
-        [shape],
+        [(n, height, width, channels)],
         model_name=type(model).__name__,
-        inputs_as_nchw=[0] if nchw else None,
+        inputs_as_nchw=[0] if layout == "NCHW" else None,
         input_names=["x"],
         output_names=["logits"],
         **({} if opset is None else {"opset": opset}),
