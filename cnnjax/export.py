@@ -327,19 +327,23 @@ def to_onnx(
 # StableHLO: a serialized jax.export artifact.
 
 
-def to_stablehlo(model: nnx.Module, input_shape: Sequence[int], path) -> Path:
+def to_stablehlo(
+    model: nnx.Module, input_shape: Sequence[int], path, *, platforms: Sequence[str] | None = None
+) -> Path:
     """Write ``model`` in eval mode as a serialized ``jax.export`` artifact at ``path``; returns the path.
 
     The artifact is the StableHLO of ``model(x)`` for a float32 ``x: (N, H, W, C)`` with a
-    symbolic batch ``N`` (``jax.export.symbolic_shape``), the weights as constants, lowered for
-    the platform JAX runs on now (CPU here: cnnjax's CPU schedules). :func:`load_stablehlo` reads
-    it back as a function, in any process, without ``model``'s code. ``model`` is exported as
-    ``model.eval()`` runs it, and is not changed.
+    symbolic batch ``N`` (``jax.export.symbolic_shape``) and the weights as constants, each cnnjax
+    primitive lowered as on that platform (on CPU: cnnjax's CPU schedules; elsewhere: lax's
+    program). :func:`load_stablehlo` reads it back as a function, in any process, without
+    ``model``'s code. ``model`` is exported as ``model.eval()`` runs it, and is not changed.
 
     Args:
       model: the module, called as ``model(x)`` on NHWC images.
       input_shape: one image's shape, ``(H, W, C)``, without the batch.
       path: the file to write (its folder is created).
+      platforms: the platforms the artifact runs on (``jax.export``'s: ``("cpu", "cuda", "tpu")``,
+        ...); ``None``: the one JAX runs on now.
 
     Returns:
       ``path`` as a ``Path``.
@@ -363,7 +367,7 @@ def to_stablehlo(model: nnx.Module, input_shape: Sequence[int], path) -> Path:
         return nnx.merge(graphdef, state)(x)
 
     (n,) = jax.export.symbolic_shape("N")
-    exported = jax.export.export(forward)(jax.ShapeDtypeStruct((n, *input_shape), jnp.float32))
+    exported = jax.export.export(forward, platforms=platforms)(jax.ShapeDtypeStruct((n, *input_shape), jnp.float32))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(exported.serialize())

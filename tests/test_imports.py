@@ -19,8 +19,9 @@ LAYERS = ("nn",)
 ANALYSIS = ("analysis",)
 MODELS = ("models",)
 TESTING = ("testing",)
+EXPORT = ("export",)
 TRAINING = ("train", "visualize")
-ABOVE_OPS = (*LAYERS, *ANALYSIS, *MODELS, *TESTING, *TRAINING)
+ABOVE_OPS = (*LAYERS, *ANALYSIS, *MODELS, *TESTING, *EXPORT, *TRAINING)
 
 
 def _module_name(path: Path) -> str:
@@ -65,12 +66,13 @@ def _imports_of(pieces) -> dict[str, set[str]]:
     [
         (("shapes",), ("cnnjax", *OPS, *ABOVE_OPS)),
         (OPS, ABOVE_OPS),
-        (LAYERS, (*ANALYSIS, *MODELS, *TESTING, *TRAINING)),
-        (ANALYSIS, (*MODELS, *TESTING, *TRAINING)),
-        (MODELS, (*ANALYSIS, *TESTING, *TRAINING)),
+        (LAYERS, (*ANALYSIS, *MODELS, *TESTING, *EXPORT, *TRAINING)),
+        (ANALYSIS, (*MODELS, *TESTING, *EXPORT, *TRAINING)),
+        (MODELS, (*ANALYSIS, *TESTING, *EXPORT, *TRAINING)),
         (TESTING, ABOVE_OPS),
+        (EXPORT, (*ANALYSIS, *TESTING, *TRAINING)),
     ],
-    ids=["shapes imports nothing of ours", "ops", "layers", "analysis", "models", "testing"],
+    ids=["shapes imports nothing of ours", "ops", "layers", "analysis", "models", "testing", "export"],
 )
 def test_lower_layers_never_import_higher_ones(importers, forbidden):
     if importers == ("shapes",):  # every module of ours is forbidden there: the list must be complete
@@ -93,7 +95,7 @@ def test_only_the_application_imports_matplotlib():
     assert not bad
 
 
-LIBRARY = ("shapes", *OPS, *LAYERS, *ANALYSIS, *MODELS, *TESTING)
+LIBRARY = ("shapes", *OPS, *LAYERS, *ANALYSIS, *MODELS, *TESTING, *EXPORT)
 APPLICATION_ONLY = {"grain", "PIL", "matplotlib", "sklearn", "tqdm", "optax", "orbax"}
 
 
