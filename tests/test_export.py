@@ -154,7 +154,6 @@ INNER_LOOP = (
     "nin",
     "googlenet",
     "resnet18",
-    "resnet50",
     "densenet_narrow",
     "mobilenet_v1",
     "mobilenet_v2_narrow",
@@ -209,18 +208,17 @@ class Layers(nnx.Module):
         return jnp.concatenate([p.reshape(p.shape[0], -1) for p in pooled], axis=1)
 
 
-@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
-def test_every_layer_maps_to_onnx_operators(layout, tmp_path):
+def test_every_layer_maps_to_onnx_operators_for_either_input_layout(tmp_path):
     model = Layers(nnx.Rngs(0))
-    path = to_onnx(model, (7, 9, 3), tmp_path / "layers.onnx", layout=layout)
     x = images(1, (3, 7, 9, 3))
-    expected = np.asarray(model(x))
-    fed = x.transpose(0, 3, 1, 2) if layout == "NCHW" else x
-    assert_logits_equal(run_onnx(path, fed), expected)
-    assert_logits_equal(run_onnx(path, fed[:1]), expected[:1])
-    assert {"Conv", "ConvTranspose", "MaxPool", "AveragePool", "Concat"} <= op_types(path)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    assert session.get_inputs()[0].shape == (["N", 3, 7, 9] if layout == "NCHW" else ["N", 7, 9, 3])
+    expected = np.asarray(nnx.jit(lambda m, x: m(x))(model, x))
+    for layout, fed in [("NHWC", x), ("NCHW", x.transpose(0, 3, 1, 2))]:
+        path = to_onnx(model, (7, 9, 3), tmp_path / f"layers_{layout}.onnx", layout=layout)
+        assert_logits_equal(run_onnx(path, fed), expected)
+        assert_logits_equal(run_onnx(path, fed[:1]), expected[:1])
+        assert {"Conv", "ConvTranspose", "MaxPool", "AveragePool", "Concat"} <= op_types(path)
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        assert session.get_inputs()[0].shape == ["N", *fed.shape[1:]]
 
 
 def test_a_fixed_batch_an_opset_and_the_model_left_in_training_mode(tmp_path):
@@ -259,7 +257,7 @@ def test_bad_arguments_name_the_function_the_argument_and_the_value(kwargs, erro
 # --- StableHLO -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["lenet5", "resnet18", "googlenet"])
+@pytest.mark.parametrize("name", ["lenet5", "resnet18"])
 def test_stablehlo_round_trips_with_a_symbolic_batch(name, tmp_path):
     constructor, kwargs, shape, _ = PRESETS[name]
     model = filled(abstract(constructor, num_classes=7, in_features=shape[-1], **kwargs))
