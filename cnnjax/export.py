@@ -20,7 +20,7 @@
 Both formats hold the model in eval mode (BatchNorm's running statistics, no Dropout), its
 weights as constants, and a float32 input ``(N, H, W, C)`` (``layout="NCHW"``: ``(N, C, H, W)``)
 whose batch ``N`` is symbolic: one file serves every batch size. The ONNX export needs the
-``[export]`` extra (jax2onnx, onnxruntime), imported only when :func:`to_onnx` runs.
+``[export]`` extra (jax2onnx, onnx, onnxruntime), imported only when :func:`to_onnx` runs.
 """
 
 from __future__ import annotations
@@ -97,12 +97,12 @@ def _permuted(shape, perm) -> tuple:
     return tuple(shape[i] for i in perm)
 
 
-def _node(ctx, op: str, inputs, shape, name: str | None = None, **attributes):
+def _node(ctx, op: str, inputs, shape, **attributes):
     """One ONNX node ``op`` of ``inputs``, its output typed as the first input and shaped ``shape``."""
     import onnx_ir as ir
     from jax2onnx.plugins._ir_shapes import _ensure_value_metadata, _stamp_type_and_shape
 
-    value = getattr(ctx.builder, op)(*inputs, _outputs=[name or ctx.fresh_name(op)], **attributes)
+    value = getattr(ctx.builder, op)(*inputs, _outputs=[ctx.fresh_name(op)], **attributes)
     value.type = ir.TensorType(inputs[0].dtype)
     _stamp_type_and_shape(value, shape)
     _ensure_value_metadata(ctx, value)
@@ -133,32 +133,27 @@ def _lower_channels_first(ctx, eqn, op: str, *, negate: bool = False, scale: flo
     x_var, *kernel_var = eqn.invars
     (y_var,) = eqn.outvars
     rank = len(x_var.aval.shape)
-    x_shape, y_shape = tuple(x_var.aval.shape), tuple(y_var.aval.shape)
     to_first = _channels_first(rank) if layout.channels_last else tuple(range(rank))
-    y_first = _permuted(y_shape, to_first)
-    out_name = ctx.get_value_for_var(y_var, name_hint=ctx.fresh_name(op)).name
-
+    x_first, y_first = _permuted(x_var.aval.shape, to_first), _permuted(y_var.aval.shape, to_first)
     x = ctx.get_value_for_var(x_var, name_hint=ctx.fresh_name("x"))
     if layout.channels_last:
-        x = _node(ctx, "Transpose", [x], _permuted(x_shape, to_first), perm=to_first)
+        x = _node(ctx, "Transpose", [x], x_first, perm=to_first)
     if negate:
-        x = _node(ctx, "Neg", [x], _permuted(x_shape, to_first))
+        x = _node(ctx, "Neg", [x], x_first)
     inputs = [x]
     for k_var in kernel_var:
         kernel = ctx.get_value_for_var(k_var, name_hint=ctx.fresh_name("kernel"))
         if layout.channels_last:
             kernel = _transposed(ctx, kernel, (rank - 1, rank - 2, *range(rank - 2)), k_var.aval.shape)
         inputs.append(kernel)
-    last = not (layout.channels_last or negate or scale is not None)
-    y = _node(ctx, op, inputs, y_first, out_name if last else None, **attributes)
+    y = _node(ctx, op, inputs, y_first, **attributes)
     if scale is not None:
         factor = ctx.builder.add_initializer_from_scalar(ctx.fresh_name("scale"), np.asarray(scale, x_var.aval.dtype))
-        last = not (layout.channels_last or negate)
-        y = _node(ctx, "Mul", [y, factor], y_first, out_name if last else None)
+        y = _node(ctx, "Mul", [y, factor], y_first)
     if negate:
-        y = _node(ctx, "Neg", [y], y_first, None if layout.channels_last else out_name)
+        y = _node(ctx, "Neg", [y], y_first)
     if layout.channels_last:
-        y = _node(ctx, "Transpose", [y], y_shape, out_name, perm=_channels_last(rank))
+        y = _node(ctx, "Transpose", [y], y_var.aval.shape, perm=_channels_last(rank))
     ctx.bind_value_for_var(y_var, y)
 
 
