@@ -112,10 +112,10 @@ PRESETS = {
         name: (getattr(models, name), SMALL, (32, 32, 3), {"Conv", "BatchNormalization", "Add", "ReduceMean"})
         for name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2")
     },
-    # a ResNeXt's width must leave each of its 32 groups a channel
+    # a ResNeXt's width must leave each of its 32 groups a channel: int(width_per_group * m) >= 1
     **{
-        name: (getattr(models, name), {"small_input": True, "width_multiplier": 1 / 4}, (32, 32, 3), {"Conv", "Add"})
-        for name in ("resnext50_32x4d", "resnext101_32x8d")
+        name: (getattr(models, name), {"small_input": True, "width_multiplier": m}, (32, 32, 3), {"Conv", "Add"})
+        for name, m in (("resnext50_32x4d", 1 / 4), ("resnext101_32x8d", 1 / 8))
     },
     **{
         name: (
@@ -352,22 +352,26 @@ def test_cli_bad_arguments_exit_2(capsys):
 
 
 @pytest.mark.slow
-def test_full_size_imagenet_presets_with_torchvision_weights(tmp_path, mobilenet_weights):
-    """The CLI on a full-size preset with torchvision-format weights, NCHW as PyTorch feeds it, and
-    two more full-size presets through the library (ResNet-50: bottlenecks; GoogLeNet: ceil-mode
-    pools and concatenations), each at 224x224 against cnnjax's logits."""
+def test_cli_exports_a_full_size_preset_with_torchvision_weights_for_nchw_input(tmp_path, mobilenet_weights):
     model, weights = mobilenet_weights
     path = tmp_path / "mobilenet_v2.onnx"
     argv = ["--model", "mobilenet_v2", "--weights", str(weights), "--format", "onnx", "--output", str(path)]
     assert main([*argv, "--layout", "NCHW"]) == 0
     x = images(6, (3, 224, 224, 3))
     assert_logits_equal(run_onnx(path, x.transpose(0, 3, 1, 2)), reference(model, x))
-    for constructor in (models.resnet50, models.GoogLeNet):
-        model = filled(abstract(constructor, num_classes=1000), seed=7)
-        path = to_onnx(model, (224, 224, 3), tmp_path / "model.onnx")
-        expected = reference(model, x)
-        assert_logits_equal(run_onnx(path, x), expected)
-        assert_logits_equal(run_onnx(path, x[:1]), expected[:1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["alexnet", "vgg11_bn", "googlenet", "resnet50", "densenet121"])
+def test_full_size_imagenet_presets(name, tmp_path):
+    """One preset of each other family at full width, 224x224x3 and 1000 classes (mobilenet_v2: above)."""
+    constructor = PRESETS[name][0]
+    model = filled(abstract(constructor, num_classes=1000), seed=7)
+    path = to_onnx(model, (224, 224, 3), tmp_path / f"{name}.onnx")
+    x = images(7, (3, 224, 224, 3))
+    expected = reference(model, x)
+    assert_logits_equal(run_onnx(path, x), expected)
+    assert_logits_equal(run_onnx(path, x[:1]), expected[:1])
 
 
 @pytest.mark.slow
