@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from cnnjax import nn
@@ -37,9 +36,9 @@ def scale_width(features: int, width_multiplier: float) -> int:
 def check_images(x, in_features: int, op: str) -> None:
     """Raise ``ValueError`` unless ``x`` is a batch of NHWC images with ``in_features`` channels.
 
-    Reads the shape in Python (``np.shape``: also a symbolic batch under ``jax.export`` and
-    ``jax2onnx``, which replaces ``jnp.shape`` by a traced op while it converts)."""
-    shape = np.shape(x)
+    Reads ``x.shape`` in Python, a symbolic batch included (``jax.export``, ``jax2onnx``, which
+    replaces ``jnp.shape`` by a traced op while it converts)."""
+    shape = x.shape if hasattr(x, "shape") else jnp.shape(x)
     if len(shape) != 4 or shape[-1] != in_features:
         raise ValueError(f"{op}: x must be NHWC images (N, H, W, {in_features}), got shape {shape}")
 
