@@ -23,6 +23,7 @@ ImageNet preset of each family (224x224x3, 1000 classes) runs slow too, about a 
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 
@@ -158,6 +159,16 @@ INNER_LOOP = (
     "mobilenet_v1",
     "mobilenet_v2_narrow",
 )
+
+
+@functools.cache
+def preset(name: str):
+    """The model ``name`` of :data:`PRESETS` with 7 classes and random weights, built once (the
+    tests only read it: an export leaves the model as it was)."""
+    constructor, kwargs, shape, _ = PRESETS[name]
+    return filled(abstract(constructor, num_classes=7, in_features=shape[-1], **kwargs))
+
+
 # Flattening a map of a symbolic batch reads its size (Shape -> Gather): these flatten, the rest pool globally.
 FLATTENS = ("lenet5", "alexnet", "vgg")
 
@@ -166,8 +177,7 @@ FLATTENS = ("lenet5", "alexnet", "vgg")
     "name", [name if name in INNER_LOOP else pytest.param(name, marks=pytest.mark.slow) for name in PRESETS]
 )
 def test_every_preset_runs_in_onnx_runtime_with_cnnjaxs_logits(name, tmp_path):
-    constructor, kwargs, shape, expected_ops = PRESETS[name]
-    model = filled(abstract(constructor, num_classes=7, in_features=shape[-1], **kwargs))
+    model, shape, expected_ops = preset(name), PRESETS[name][2], PRESETS[name][3]
     path = to_onnx(model, shape, tmp_path / f"{name}.onnx")
     x = images(0, (3, *shape))
     expected = reference(model, x)
@@ -247,7 +257,7 @@ def test_a_fixed_batch_an_opset_and_the_model_left_in_training_mode(tmp_path):
     ],
 )
 def test_bad_arguments_name_the_function_the_argument_and_the_value(kwargs, error, message, tmp_path):
-    arguments = {"model": models.LeNet5(rngs=nnx.Rngs(0)), "input_shape": (28, 28, 1), **kwargs}
+    arguments = {"model": preset("lenet5"), "input_shape": (28, 28, 1), **kwargs}
     layout_batch = {k: arguments.pop(k) for k in ("layout", "batch") if k in arguments}
     with pytest.raises(error) as info:
         to_onnx(arguments["model"], arguments["input_shape"], tmp_path / "x.onnx", **layout_batch)
@@ -259,8 +269,7 @@ def test_bad_arguments_name_the_function_the_argument_and_the_value(kwargs, erro
 
 @pytest.mark.parametrize("name", ["lenet5", "resnet18"])
 def test_stablehlo_round_trips_with_a_symbolic_batch(name, tmp_path):
-    constructor, kwargs, shape, _ = PRESETS[name]
-    model = filled(abstract(constructor, num_classes=7, in_features=shape[-1], **kwargs))
+    model, shape = preset(name), PRESETS[name][2]
     forward = load_stablehlo(to_stablehlo(model, shape, tmp_path / f"{name}.jax"))
     (aval,) = forward.exported.in_avals
     assert str(aval.shape[0]) == "N" and aval.shape[1:] == shape
@@ -283,8 +292,7 @@ def test_load_stablehlo_names_a_missing_or_corrupt_file(tmp_path):
 
 @pytest.mark.parametrize("name", INNER_LOOP)
 def test_zoo_input_checks_accept_a_symbolic_batch_and_still_reject_bad_images(name):
-    constructor, kwargs, shape, _ = PRESETS[name]
-    model = abstract(constructor, num_classes=7, in_features=shape[-1], **kwargs)
+    model, shape = preset(name), PRESETS[name][2]
     (n,) = jax.export.symbolic_shape("N")
     logits = nnx.eval_shape(lambda m, x: m(x, train=False), model, jax.ShapeDtypeStruct((n, *shape), jnp.float32))
     assert logits.shape == (n, 7)
@@ -307,17 +315,9 @@ def test_cli_writes_both_formats(tmp_path, capsys):
     assert_logits_equal(run_onnx(onnx_path, x.transpose(0, 3, 1, 2)), logits)
 
 
-@pytest.fixture(scope="module")
-def mobilenet_weights(tmp_path_factory):
-    """Random full-size MobileNet v2 weights under torchvision's names, as a ``.safetensors`` file."""
-    model = filled(abstract(models.mobilenet_v2, num_classes=1000), seed=5)
-    path = tmp_path_factory.mktemp("weights") / "mobilenet_v2.safetensors"
-    safetensors.numpy.save_file(models.torch_state_dict(model), str(path))
-    return model, path
-
-
-def test_cli_errors_print_one_line_and_exit_1(tmp_path, capsys, mobilenet_weights):
-    _, weights = mobilenet_weights
+def test_cli_errors_print_one_line_and_exit_1(tmp_path, capsys):
+    weights = tmp_path / "mobilenet_v2_head.safetensors"  # another architecture's keys
+    safetensors.numpy.save_file({"classifier.1.weight": np.zeros((1000, 1280), np.float32)}, str(weights))
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"PK\x03\x04 not a zip")
     output = str(tmp_path / "x.onnx")
@@ -352,8 +352,10 @@ def test_cli_bad_arguments_exit_2(capsys):
 
 
 @pytest.mark.slow
-def test_cli_exports_a_full_size_preset_with_torchvision_weights_for_nchw_input(tmp_path, mobilenet_weights):
-    model, weights = mobilenet_weights
+def test_cli_exports_a_full_size_preset_with_torchvision_weights_for_nchw_input(tmp_path):
+    model = filled(abstract(models.mobilenet_v2, num_classes=1000), seed=5)
+    weights = tmp_path / "mobilenet_v2.safetensors"  # under torchvision's names
+    safetensors.numpy.save_file(models.torch_state_dict(model), str(weights))
     path = tmp_path / "mobilenet_v2.onnx"
     argv = ["--model", "mobilenet_v2", "--weights", str(weights), "--format", "onnx", "--output", str(path)]
     assert main([*argv, "--layout", "NCHW"]) == 0
