@@ -7,6 +7,8 @@ still runs every rule; a larger one draws more geometry.
 
 import os
 
+import pytest
+
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 SCALE = {"ci": 0.5, "thorough": 5.0}[PROFILE]
 
@@ -19,3 +21,8 @@ def examples(n: int) -> int:
 def seeds(n: int) -> range:
     """The seeds of a grid written for ``n`` cases, at this run's scale (for ``parametrize``)."""
     return range(max(1, round(n * SCALE)))
+
+
+# A test (or case) too heavy for the default scale: the deepest zoo presets where shallower ones of the
+# same blocks run by default.
+thorough_only = pytest.mark.skipif(PROFILE != "thorough", reason="runs with HYPOTHESIS_PROFILE=thorough")

@@ -16,9 +16,15 @@
 Cost: models are built abstract (``nnx.eval_shape``) and filled with NumPy's random weights, so
 nothing compiles but each model's one jitted reference forward pass. Converting is quadratic in
 the graph's length (jax2onnx's transpose folding): ResNet-152 and DenseNet-201 take 10-15 s at
-any width. So the inner loop (``INNER_LOOP``, about 25 s) exports one preset or one shallow
-configuration of each architecture, and the slow tests every other preset; one full-size
-ImageNet preset of each family (224x224x3, 1000 classes) runs slow too, about a minute in all.
+any width, a full-size VGG or DenseNet 12-30 s. So the tests come in three tiers:
+
+- the inner loop (``INNER_LOOP``, about 20 s): one preset or one shallow configuration of each
+  architecture;
+- ``slow`` (``pytest`` runs them): the other presets that convert in a few seconds, ResNet-50
+  at full size (224x224x3, 1000 classes) and ``cnnjax-export`` on a full-size MobileNet v2;
+- only with ``HYPOTHESIS_PROFILE=thorough`` (``tests/budget.py``'s larger scale; about three
+  minutes): the deepest presets and those the other tiers cover block for block (``DEEP``), and a
+  full-size preset of every other family.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import functools
 import subprocess
 import sys
 
+import budget
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -173,9 +180,21 @@ def preset(name: str):
 FLATTENS = ("lenet5", "alexnet", "vgg")
 
 
-@pytest.mark.parametrize(
-    "name", [name if name in INNER_LOOP else pytest.param(name, marks=pytest.mark.slow) for name in PRESETS]
+# Presets that run only at the thorough scale: the deepest (5-25 s each to convert), and those the
+# other tiers cover block for block (ResNet-50 at full size, MobileNet v2 through the CLI).
+DEEP = (
+    *("resnet50", "resnet101", "resnet152", "wide_resnet50_2", "resnext101_32x8d", "mobilenet_v2"),
+    *("densenet121", "densenet161", "densenet169", "densenet201"),
 )
+
+
+def _tier(name: str):
+    if name in INNER_LOOP:
+        return name
+    return pytest.param(name, marks=[pytest.mark.slow, *([budget.thorough_only] if name in DEEP else [])])
+
+
+@pytest.mark.parametrize("name", [_tier(name) for name in PRESETS])
 def test_every_preset_runs_in_onnx_runtime_with_cnnjaxs_logits(name, tmp_path):
     model, shape, expected_ops = preset(name), PRESETS[name][2], PRESETS[name][3]
     path = to_onnx(model, shape, tmp_path / f"{name}.onnx")
@@ -364,7 +383,16 @@ def test_cli_exports_a_full_size_preset_with_torchvision_weights_for_nchw_input(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["alexnet", "vgg11_bn", "googlenet", "resnet50", "densenet121"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "resnet50",
+        *(
+            pytest.param(name, marks=budget.thorough_only)
+            for name in ("alexnet", "vgg11_bn", "googlenet", "densenet121")
+        ),
+    ],
+)
 def test_full_size_imagenet_presets(name, tmp_path):
     """One preset of each other family at full width, 224x224x3 and 1000 classes (mobilenet_v2: above)."""
     constructor = PRESETS[name][0]

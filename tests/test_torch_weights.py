@@ -37,6 +37,7 @@ import sys
 import textwrap
 import zipfile
 
+import budget
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -208,7 +209,11 @@ PRESETS = {  # every preset but six of the VGGs
 _VALUES = np.random.default_rng(0).standard_normal(2**23, dtype=np.float32)  # 32 MiB, sliced per variable
 
 
-@pytest.mark.parametrize("name", PRESETS)
+# the deepest of each family run at the thorough scale: the same blocks, more of them
+DEEPEST = ("resnet101", "resnet152", "resnext101_32x8d", "densenet161", "densenet169", "densenet201")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=budget.thorough_only) if n in DEEPEST else n for n in PRESETS])
 @pytest.mark.slow
 def test_round_trip_is_the_identity_for_every_preset(name):
     """One abstract preset, its Params and BatchStats views of ``_VALUES`` (each starting elsewhere;
