@@ -164,7 +164,8 @@ def conv(
         and ``kernel`` (``TypeError`` if that changes its kind, e.g. complex to real).
       strides, kernel_dilation, input_dilation: int or one int per spatial dim, each >= 1.
         ``input_dilation=s`` inserts ``s - 1`` zeros between input pixels (docs/convolutions.md's
-        transposed-conv view).
+        transposed-conv view): padded in before the primitive on CPU, lax's ``lhs_dilation``
+        elsewhere (docs/backprop.md, "On every backend and tool").
       padding: ``"VALID"``, ``"SAME"`` (odd extra pixel at the end), ``"SAME_LOWER"`` (at the
         start, the notes' convention), ``"FULL"`` (``d*(k-1)`` per side), an int, one int per
         dim, or ``(lo, hi)`` pairs. Strings are resolved on the input-dilated size
@@ -242,8 +243,9 @@ def _conv_core(x, kernel, bias, *, geometry: ConvGeometry, input_dilation, paddi
         geometry = dataclasses.replace(
             geometry, input_spatial=layout.spatial(x.shape), padding=((0, 0),) * layout.spatial_rank
         )
-    if impl == "lax":
-        y = lax.conv_general_dilated(
+
+    def lax_conv(x, kernel):
+        return lax.conv_general_dilated(
             x,
             kernel,
             window_strides=geometry.strides,
@@ -254,10 +256,20 @@ def _conv_core(x, kernel, bias, *, geometry: ConvGeometry, input_dilation, paddi
             feature_group_count=geometry.groups,
             precision=precision,
         )
-    else:
+
+    def primitive_conv(x, kernel):
         if any(d > 1 for d in input_dilation):  # docs/convolutions.md: insert d - 1 zeros between the inputs
             x = lax.pad(x, jnp.zeros((), x.dtype), layout.window([(0, 0, d - 1) for d in input_dilation], (0, 0, 0)))
-        y = _primitives.conv(x, kernel, geometry, precision, impl)
+        return _primitives.conv(x, kernel, geometry, precision, impl)
+
+    if impl == "lax":
+        y = lax_conv(x, kernel)
+    elif any(d > 1 for d in input_dilation):
+        # The primitives' formulas with input dilation are lax's transpose rules for lhs_dilation:
+        # off CPU, lax's own conv and its gradients; on CPU, the zeros padded in, then the schedules.
+        y = lax.platform_dependent(x, kernel, cpu=primitive_conv, default=lax_conv)
+    else:
+        y = primitive_conv(x, kernel)
     return _add_bias(y, bias, layout)
 
 

@@ -80,7 +80,7 @@ class Case:
         return [jnp.asarray(rng.standard_normal(s), jnp.float32) for s in self.shapes]
 
 
-def _conv(dn, strides=1, padding="VALID", rhs_dilation=None, groups=1):
+def _conv(dn, strides=1, padding="VALID", rhs_dilation=None, groups=1, lhs_dilation=None):
     def fn(x, k):
         rank = x.ndim - 2
         pads = padding if isinstance(padding, str) else ((padding, padding),) * rank
@@ -89,6 +89,7 @@ def _conv(dn, strides=1, padding="VALID", rhs_dilation=None, groups=1):
             k,
             (strides,) * rank if isinstance(strides, int) else strides,
             pads,
+            lhs_dilation=None if lhs_dilation is None else (lhs_dilation,) * rank,
             rhs_dilation=None if rhs_dilation is None else (rhs_dilation,) * rank,
             dimension_numbers=dn,
             feature_group_count=groups,
@@ -145,6 +146,12 @@ CONV = [
         ((2, 3, 12, 12), (4, 3, 5, 5)),
         lambda x, k, impl: cnnjax.conv(x, k, strides=2, padding=2, kernel_dilation=2, layout="NCHW", impl=impl),
         _conv(NCHW, 2, 2, 2),
+    ),
+    Case(
+        "conv NCHW 3x3/2 pad 1 input dilation 2",
+        ((2, 3, 6, 6), (4, 3, 3, 3)),
+        lambda x, k, impl: cnnjax.conv(x, k, strides=2, padding=1, input_dilation=2, layout="NCHW", impl=impl),
+        _conv(NCHW, 2, 1, lhs_dilation=2),
     ),
     Case(
         "conv NWC k3/3 VALID",
