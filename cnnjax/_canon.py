@@ -201,6 +201,38 @@ def canonicalize_padding(padding, n: int, op: str):
     return (p,) * n
 
 
+FLAX_PADDING_STRINGS = ("CIRCULAR", "REFLECT", "CAUSAL")
+
+
+def flax_padding(padding, padding_mode: str, kernel_size, kernel_dilation, op: str):
+    """``flax.nnx.Conv``'s padding strings as ``(padding, padding_mode)``; other paddings unchanged.
+
+    ``"CIRCULAR"`` / ``"REFLECT"``: ``((k' - 1) // 2, k' // 2)`` per dim, ``k' = d*(k-1) + 1``, with
+    ``padding_mode`` ``"circular"`` / ``"reflect"`` (Flax pads so, then runs a VALID conv: at
+    stride 1 the output keeps the input's size). ``"CAUSAL"`` (1-D only): ``(d*(k-1), 0)`` zeros,
+    each output sees only its position and the ones before. ``padding_mode`` must then be
+    ``"zeros"``: the string already says how to pad.
+
+    >>> flax_padding("CIRCULAR", "zeros", (4, 3), (1, 2), "Conv")
+    (((1, 2), (2, 2)), 'circular')
+    >>> flax_padding("causal", "zeros", (3,), (2,), "Conv")
+    (((4, 0),), 'zeros')
+    """
+    if not (isinstance(padding, str) and padding.upper() in FLAX_PADDING_STRINGS):
+        return padding, padding_mode
+    mode = padding.upper()
+    if padding_mode != "zeros":
+        raise ValueError(
+            f"{op}: padding={padding!r} says how to pad; it takes padding_mode='zeros', got {padding_mode!r}"
+        )
+    spans = [d * (k - 1) + 1 for k, d in zip(kernel_size, kernel_dilation, strict=True)]
+    if mode == "CAUSAL":
+        if len(spans) != 1:
+            raise ValueError(f"{op}: padding='CAUSAL' is for 1-D convolutions, got kernel_size={tuple(kernel_size)}")
+        return ((spans[0] - 1, 0),), "zeros"
+    return tuple(((k - 1) // 2, k // 2) for k in spans), {"CIRCULAR": "circular", "REFLECT": "reflect"}[mode]
+
+
 def padding_pairs(padding, sizes, window, strides, dilation, op: str) -> tuple[tuple[int, int], ...]:
     """Resolve canonical padding to explicit ``(lo, hi)`` pairs for these input sizes."""
     if isinstance(padding, str):

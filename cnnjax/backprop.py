@@ -491,14 +491,14 @@ def tap_scatter(dy, tap, w: PoolGeometry):
 def window_divisor(w: PoolGeometry, count_include_pad: bool) -> np.ndarray:
     """PyTorch's average-pool divisor for every output, shaped to broadcast against it.
 
-    Per dim, the window taps inside the padded input (``count_include_pad``) or inside the
-    input; never the ``ceil_mode`` overhang past the padding. A window with no such tap sums
+    Per dim, the window taps (dilated) inside the padded input (``count_include_pad``) or inside
+    the input; never the ``ceil_mode`` overhang past the padding. A window with no such tap sums
     to 0 and gets divisor 1, giving 0 as PyTorch does. The per-dim counts multiply because
     windows are boxes.
     """
     divisor = np.ones(())
-    for n, k, s, pair, o in zip(w.input_spatial, w.window, w.strides, w.padding, w.out, strict=True):
-        divisor = np.multiply.outer(divisor, pool_window_counts(n, k, s, pair, o, count_include_pad))
+    for n, k, s, pair, o, d in zip(w.input_spatial, w.window, w.strides, w.padding, w.out, w.dilation, strict=True):
+        divisor = np.multiply.outer(divisor, pool_window_counts(n, k, s, pair, o, count_include_pad, d))
     return divisor.reshape(w.layout.shape(1, w.out, 1))
 
 

@@ -15,9 +15,12 @@ functional ops. The functional op validates the rest.
 meaning and defaults (kernel ``(*kernel_size, in_features // feature_group_count, out_features)``,
 LeCun-normal kernel, zero bias, ``padding="SAME"``), so one can replace the other and, with the
 same parameters, both give the same output. As in Flax, an int ``kernel_size`` means a 1-D kernel
-``(k,)``: write ``(3, 3)`` for a 2-D one. Differences: ``padding`` also takes PyTorch-style ints
-and ``"SAME_LOWER"``/``"FULL"``; boundary handling is ``padding_mode`` (``"reflect"``,
-``"replicate"``, ``"circular"``) rather than Flax's ``"CIRCULAR"``/``"REFLECT"`` padding strings.
+``(k,)``: write ``(3, 3)`` for a 2-D one. ``strides``, ``input_dilation`` and ``kernel_dilation``
+take ``None`` for 1, and ``padding`` Flax's ``"CIRCULAR"``, ``"REFLECT"`` and (1-D) ``"CAUSAL"``
+with Flax's meaning (:func:`cnnjax._canon.flax_padding`: the pads Flax applies, then a VALID conv).
+Beyond Flax: ``padding`` also takes PyTorch-style ints and ``"SAME_LOWER"``/``"FULL"``, and
+``padding_mode`` (``"reflect"``, ``"replicate"``, ``"circular"``) pads any explicit padding so, as
+PyTorch's ``padding_mode``.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn.dtypes import promote_dtype
 
-from cnnjax._canon import canonicalize_padding, canonicalize_tuple, check_impl
+from cnnjax._canon import canonicalize_padding, canonicalize_tuple, check_impl, flax_padding
 from cnnjax.convolution import conv, conv_transpose, depthwise_conv, separable_conv
 from cnnjax.pooling import (
     adaptive_avg_pool,
@@ -83,13 +86,26 @@ def _apply(layer, rank: int | None, op: Callable, x, *args, **kwargs):
 
 def _conv_geometry(op: str, rank: int, strides, padding, **dilations) -> tuple:
     """A conv layer's geometry canonicalized once, at construction (``cnnjax._canon``): ``strides``
-    and each of ``dilations`` (by name) a tuple of ``rank`` ints >= 1, ``padding`` a string or
-    ``rank`` ``(lo, hi)`` pairs."""
+    and each of ``dilations`` (by name) a tuple of ``rank`` ints >= 1 (``None`` means 1, as in
+    ``flax.nnx.Conv``), ``padding`` a string or ``rank`` ``(lo, hi)`` pairs."""
     return (
-        canonicalize_tuple(strides, rank, "strides", op),
+        canonicalize_tuple(1 if strides is None else strides, rank, "strides", op),
         canonicalize_padding(padding, rank, op),
-        *(canonicalize_tuple(value, rank, name, op) for name, value in dilations.items()),
+        *(canonicalize_tuple(1 if value is None else value, rank, name, op) for name, value in dilations.items()),
     )
+
+
+def _padded_conv_geometry(op: str, kernel_size, strides, padding, padding_mode, **dilations) -> tuple:
+    """:func:`_conv_geometry` for the layers with a ``padding_mode``, Flax's padding strings
+    (``"CIRCULAR"``, ``"REFLECT"``, ``"CAUSAL"``: :func:`cnnjax._canon.flax_padding`) included;
+    returns ``(strides, padding, padding_mode, *dilations)``."""
+    kernel_dilation = dilations["kernel_dilation"]
+    kernel_dilation = canonicalize_tuple(
+        1 if kernel_dilation is None else kernel_dilation, len(kernel_size), "kernel_dilation", op
+    )
+    padding, padding_mode = flax_padding(padding, padding_mode, kernel_size, kernel_dilation, op)
+    strides, padding, *dilations = _conv_geometry(op, len(kernel_size), strides, padding, **dilations)
+    return strides, padding, padding_mode, *dilations
 
 
 def _pool_geometry(op: str, window_shape, strides, padding, window_dilation=1) -> tuple:
@@ -173,11 +189,11 @@ class Conv(nnx.Module):
         in_features: int,
         out_features: int,
         kernel_size: int | Sequence[int],
-        strides: int | Sequence[int] = 1,
+        strides: int | Sequence[int] | None = 1,
         *,
         padding="SAME",
-        input_dilation: int | Sequence[int] = 1,
-        kernel_dilation: int | Sequence[int] = 1,
+        input_dilation: int | Sequence[int] | None = 1,
+        kernel_dilation: int | Sequence[int] | None = 1,
         feature_group_count: int = 1,
         use_bias: bool = True,
         padding_mode: str = "zeros",
@@ -196,10 +212,18 @@ class Conv(nnx.Module):
         kernel_shape = (*self.kernel_size, in_features // self.feature_group_count, out_features)
         self.kernel = nnx.Param(kernel_init(rngs.params(), kernel_shape, param_dtype))
         self.bias = _bias(use_bias, bias_init, rngs, out_features, param_dtype)
-        self.strides, self.padding, self.kernel_dilation, self.input_dilation = _conv_geometry(
-            op, len(self.kernel_size), strides, padding, kernel_dilation=kernel_dilation, input_dilation=input_dilation
+        self.strides, self.padding, self.padding_mode, self.kernel_dilation, self.input_dilation = (
+            _padded_conv_geometry(
+                op,
+                self.kernel_size,
+                strides,
+                padding,
+                padding_mode,
+                kernel_dilation=kernel_dilation,
+                input_dilation=input_dilation,
+            )
         )
-        self.padding_mode, self.use_bias, self.dtype, self.param_dtype = padding_mode, use_bias, dtype, param_dtype
+        self.use_bias, self.dtype, self.param_dtype = use_bias, dtype, param_dtype
         self.precision, self.impl = precision, check_impl(impl, op)
 
     def __call__(self, x):
@@ -338,10 +362,10 @@ class DepthwiseConv(nnx.Module):
         kernel_shape = (*self.kernel_size, 1, self.out_features)
         self.kernel = nnx.Param(kernel_init(rngs.params(), kernel_shape, param_dtype))
         self.bias = _bias(use_bias, bias_init, rngs, self.out_features, param_dtype)
-        self.strides, self.padding, self.kernel_dilation = _conv_geometry(
-            op, len(self.kernel_size), strides, padding, kernel_dilation=kernel_dilation
+        self.strides, self.padding, self.padding_mode, self.kernel_dilation = _padded_conv_geometry(
+            op, self.kernel_size, strides, padding, padding_mode, kernel_dilation=kernel_dilation
         )
-        self.padding_mode, self.use_bias, self.dtype = padding_mode, use_bias, dtype
+        self.use_bias, self.dtype = use_bias, dtype
         self.param_dtype, self.precision, self.impl = param_dtype, precision, check_impl(impl, op)
 
     def __call__(self, x):
@@ -406,10 +430,10 @@ class SeparableConv(nnx.Module):
         self.depthwise_kernel = nnx.Param(depthwise_init(rngs.params(), (*self.kernel_size, 1, mid), param_dtype))
         self.pointwise_kernel = nnx.Param(pointwise_init(rngs.params(), (*ones, mid, out_features), param_dtype))
         self.bias = _bias(use_bias, bias_init, rngs, out_features, param_dtype)
-        self.strides, self.padding, self.kernel_dilation = _conv_geometry(
-            op, len(self.kernel_size), strides, padding, kernel_dilation=kernel_dilation
+        self.strides, self.padding, self.padding_mode, self.kernel_dilation = _padded_conv_geometry(
+            op, self.kernel_size, strides, padding, padding_mode, kernel_dilation=kernel_dilation
         )
-        self.padding_mode, self.use_bias, self.dtype = padding_mode, use_bias, dtype
+        self.use_bias, self.dtype = use_bias, dtype
         self.param_dtype, self.precision, self.impl = param_dtype, precision, check_impl(impl, op)
 
     def __call__(self, x):
@@ -494,12 +518,15 @@ class AvgPool(nnx.Module):
         strides: int | Sequence[int] | None = None,
         padding="VALID",
         *,
+        window_dilation: int | Sequence[int] = 1,
         ceil_mode: bool = False,
         count_include_pad: bool = True,
         divisor_override: int | None = None,
         impl: str = "auto",
     ):
-        self.window_shape, self.strides, self.padding, _ = _pool_geometry("AvgPool", window_shape, strides, padding)
+        self.window_shape, self.strides, self.padding, self.window_dilation = _pool_geometry(
+            "AvgPool", window_shape, strides, padding, window_dilation
+        )
         self.ceil_mode, self.count_include_pad, self.divisor_override = ceil_mode, count_include_pad, divisor_override
         self.impl = check_impl(impl, "AvgPool")
 
@@ -512,6 +539,7 @@ class AvgPool(nnx.Module):
             self.window_shape,
             self.strides,
             self.padding,
+            window_dilation=self.window_dilation,
             ceil_mode=self.ceil_mode,
             count_include_pad=self.count_include_pad,
             divisor_override=self.divisor_override,
@@ -536,17 +564,28 @@ class LPPool(nnx.Module):
         strides: int | Sequence[int] | None = None,
         padding="VALID",
         *,
+        window_dilation: int | Sequence[int] = 1,
         ceil_mode: bool = False,
         impl: str = "auto",
     ):
         self.p = p
-        self.window_shape, self.strides, self.padding, _ = _pool_geometry("LPPool", window_shape, strides, padding)
+        self.window_shape, self.strides, self.padding, self.window_dilation = _pool_geometry(
+            "LPPool", window_shape, strides, padding, window_dilation
+        )
         self.ceil_mode, self.impl = ceil_mode, check_impl(impl, "LPPool")
 
     def __call__(self, x):
-        rank = _window_rank(self.window_shape)
         return _apply(
-            self, rank, lp_pool, x, self.p, self.window_shape, self.strides, self.padding, ceil_mode=self.ceil_mode
+            self,
+            _window_rank(self.window_shape),
+            lp_pool,
+            x,
+            self.p,
+            self.window_shape,
+            self.strides,
+            self.padding,
+            window_dilation=self.window_dilation,
+            ceil_mode=self.ceil_mode,
         )
 
 

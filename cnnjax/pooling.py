@@ -250,6 +250,7 @@ def avg_pool(
     strides=None,
     padding="VALID",
     *,
+    window_dilation=1,
     ceil_mode: bool = False,
     count_include_pad: bool = True,
     divisor_override: int | None = None,
@@ -262,8 +263,10 @@ def avg_pool(
     ranks as :func:`max_pool`. Padding is zeros. The divisor is, per window, the number of taps
     inside the padded input (``count_include_pad=True``) or inside the input (``False``), never
     counting the ``ceil_mode`` overhang past the padding; ``divisor_override``, any nonzero int
-    (negative ones too, as in PyTorch), replaces it. ``impl`` as :func:`max_pool` (the primitive
-    is the window sum; the division is elementwise).
+    (negative ones too, as in PyTorch), replaces it. ``window_dilation`` spaces the taps as in
+    :func:`max_pool` (ONNX's ``AveragePool`` ``dilations``; PyTorch has none), and the divisor
+    counts the dilated taps. ``impl`` as :func:`max_pool` (the primitive is the window sum; the
+    division is elementwise).
 
     >>> avg_pool(jnp.arange(16.0).reshape(1, 4, 4, 1), 2)[0, ..., 0]
     Array([[ 2.5,  4.5],
@@ -280,7 +283,9 @@ def avg_pool(
     def reduce(x, geometry, impl):
         return _average(x, geometry, bool(count_include_pad), divisor_override, impl)
 
-    return _windowed(op, reduce, x, window_shape, strides, padding, 1, ceil_mode, layout, impl, require_float)
+    return _windowed(
+        op, reduce, x, window_shape, strides, padding, window_dilation, ceil_mode, layout, impl, require_float
+    )
 
 
 def lp_pool(
@@ -290,6 +295,7 @@ def lp_pool(
     strides=None,
     padding="VALID",
     *,
+    window_dilation=1,
     ceil_mode: bool = False,
     layout: str | None = None,
     impl: str = "auto",
@@ -303,7 +309,8 @@ def lp_pool(
     ``x**p`` takes no absolute value (``p=1`` is the plain window sum, and an odd ``p`` with a
     negative window sum gives NaN); with ``ceil_mode`` an overhanging window's sum is scaled by
     ``window size / taps inside``; the gradient is 0 where the window sum is 0. ``p=inf`` is the
-    max of ``|x|``, as in PyTorch. ``p`` must be > 0. ``impl`` as :func:`max_pool`.
+    max of ``|x|``, as in PyTorch. ``p`` must be > 0. ``window_dilation`` spaces the taps as in
+    :func:`max_pool` (ONNX's ``LpPool`` ``dilations``). ``impl`` as :func:`max_pool`.
 
     >>> lp_pool(jnp.full((1, 4, 4, 1), 3.0), 2, 2)[0, ..., 0]
     Array([[6., 6.],
@@ -313,7 +320,9 @@ def lp_pool(
     if isinstance(p, bool) or not isinstance(p, numbers.Real) or not p > 0:
         raise ValueError(f"{op}: p={p!r} must be a number > 0 (or inf)")
     reduce = functools.partial(_lp, p=p)
-    return _windowed(op, reduce, x, window_shape, strides, padding, 1, ceil_mode, layout, impl, require_float)
+    return _windowed(
+        op, reduce, x, window_shape, strides, padding, window_dilation, ceil_mode, layout, impl, require_float
+    )
 
 
 def _lp(x, p, geometry: PoolGeometry, impl: str):

@@ -188,21 +188,30 @@ def adaptive_pool_bins(n: int, out: int) -> tuple[tuple[int, int], ...]:
 
 
 def pool_window_counts(
-    n: int, window: int, stride: int, padding: tuple[int, int], out: int, include_pad: bool = True
+    n: int,
+    window: int,
+    stride: int,
+    padding: tuple[int, int],
+    out: int,
+    include_pad: bool = True,
+    dilation: int = 1,
 ) -> tuple[int, ...]:
     """Taps of each of the ``out`` windows along one dimension that PyTorch's average pool counts.
 
-    Window ``i`` starts at ``i*stride - lo``; it counts its taps inside the padded input
-    (``include_pad``, PyTorch's ``count_include_pad=True``) or inside the input, never the
-    ``ceil_mode`` overhang past the padding. A window with no such tap counts 1 (it sums to 0).
+    Window ``i`` starts at ``i*stride - lo`` and has taps ``start + j*dilation``, ``j < window``;
+    it counts those inside the padded input (``include_pad``, PyTorch's
+    ``count_include_pad=True``) or inside the input, never the ``ceil_mode`` overhang past the
+    padding. A window with no such tap counts 1 (it sums to 0).
 
     >>> pool_window_counts(5, 2, 2, (1, 0), 3), pool_window_counts(5, 2, 2, (1, 0), 3, include_pad=False)
     ((2, 2, 2), (1, 2, 2))
+    >>> pool_window_counts(5, 2, 1, (1, 1), 5, include_pad=False, dilation=2)
+    (1, 2, 2, 2, 1)
     """
     lo, hi = padding
     lower, upper = (-lo, n + hi) if include_pad else (0, n)
     starts = (i * stride - lo for i in range(out))
-    return tuple(max(min(start + window, upper) - max(start, lower), 1) for start in starts)
+    return tuple(max(sum(lower <= start + j * dilation < upper for j in range(window)), 1) for start in starts)
 
 
 @dataclasses.dataclass(frozen=True)

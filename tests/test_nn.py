@@ -71,6 +71,52 @@ def test_conv_matches_flax_nnx_conv(seed):
     np.testing.assert_allclose(_apply(ours, x), _apply(flax_conv, x), **TOL)
 
 
+FLAX_PADDINGS = [
+    # (padding, kernel_size, strides, kernel_dilation, x shape): odd and even kernels, strides, dilation
+    ("CIRCULAR", (3, 3), 1, 1, (2, 7, 7, 3)),
+    ("CIRCULAR", (4, 2), (2, 1), (1, 2), (2, 8, 7, 3)),
+    ("REFLECT", (3, 3), 1, 1, (2, 7, 7, 3)),
+    ("REFLECT", (4, 3), 2, (2, 1), (2, 9, 8, 3)),
+    ("CAUSAL", (3,), 1, 2, (2, 9, 3)),
+    ("CAUSAL", (4,), 2, 1, (2, 10, 3)),
+    ("CIRCULAR", (3,), None, None, (2, 6, 3)),  # None strides and dilation, as flax.nnx.Conv takes them
+]
+
+
+@pytest.mark.parametrize(("padding", "kernel", "strides", "dilation", "x_shape"), FLAX_PADDINGS)
+def test_flax_padding_strings_and_none_match_flax_nnx_conv(padding, kernel, strides, dilation, x_shape):
+    """flax.nnx.Conv's padding strings (and ``None`` strides/dilation) with the same arguments and
+    parameters: the same outputs and gradients, in Conv and in a DepthwiseConv (``feature_group_count``
+    = channels in Flax)."""
+    options = {"strides": strides, "padding": padding, "kernel_dilation": dilation}
+    c, rngs = x_shape[-1], nnx.Rngs
+    pairs = [
+        (
+            lambda: nn.Conv(c, 4, kernel, **options, rngs=rngs(0)),
+            lambda: nnx.Conv(c, 4, kernel, **options, rngs=rngs(0)),
+        ),
+        (
+            lambda: nn.DepthwiseConv(c, kernel, depth_multiplier=2, **options, rngs=rngs(0)),
+            lambda: nnx.Conv(c, 2 * c, kernel, feature_group_count=c, **options, rngs=rngs(0)),
+        ),
+    ]
+    x = _inputs(x_shape, 3)
+    for make_ours, make_flax in pairs:
+        ours, theirs = _with_params(make_ours, 1), _with_params(make_flax, 1)
+        np.testing.assert_allclose(_apply(ours, x), _apply(theirs, x), **TOL)
+        grads = [jax.jit(jax.grad(lambda x, m=m: jnp.sum(jnp.sin(m(x)))))(x) for m in (ours, theirs)]
+        np.testing.assert_allclose(*grads, **TOL)
+
+
+def test_flax_padding_strings_errors():
+    with pytest.raises(ValueError, match=r"Conv: padding='CAUSAL' is for 1-D convolutions, got kernel_size=\(3, 3\)"):
+        nn.Conv(1, 1, (3, 3), padding="CAUSAL", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="Conv: padding='REFLECT' says how to pad; it takes padding_mode='zeros'"):
+        nn.Conv(1, 1, (3, 3), padding="REFLECT", padding_mode="circular", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="ConvTranspose: padding='CIRCULAR' is not one of"):
+        nn.ConvTranspose(1, 1, (3, 3), padding="CIRCULAR", rngs=nnx.Rngs(0))
+
+
 @pytest.mark.parametrize(("kernel", "groups", "use_bias"), [((3, 3), 1, True), ((2,), 2, True), ((1, 2, 3), 1, False)])
 def test_default_initialization_matches_flax_nnx_conv(kernel, groups, use_bias):
     """Same rngs, same kernel and bias: LeCun-normal kernel, zero bias, drawn in Flax's order."""
@@ -194,7 +240,15 @@ def _module_cases():
             lambda: nn.AvgPool(2, divisor_override=3),
             lambda m, x: pooling.avg_pool(x, 2, divisor_override=3),
         ),
+        "avg_pool_dilated": (
+            lambda: nn.AvgPool(2, 1, padding=1, window_dilation=(2, 1), count_include_pad=False),
+            lambda m, x: pooling.avg_pool(x, 2, 1, 1, window_dilation=(2, 1), count_include_pad=False),
+        ),
         "lp_pool": (lambda: nn.LPPool(3.0, 2, 1), lambda m, x: pooling.lp_pool(x, 3.0, 2, 1)),
+        "lp_pool_dilated": (
+            lambda: nn.LPPool(2.0, 2, 1, window_dilation=2),
+            lambda m, x: pooling.lp_pool(x, 2.0, 2, 1, window_dilation=2),
+        ),
         "global_avg": (lambda: nn.GlobalAvgPool(keepdims=True), lambda m, x: pooling.global_avg_pool(x, keepdims=True)),
         "global_max": (lambda: nn.GlobalMaxPool(), lambda m, x: pooling.global_max_pool(x)),
         "adaptive_avg": (lambda: nn.AdaptiveAvgPool((3, 2)), lambda m, x: pooling.adaptive_avg_pool(x, (3, 2))),

@@ -171,6 +171,72 @@ def test_window_dilation_values():
     np.testing.assert_array_equal(_flat(sum_pool(x, 2, 1, window_dilation=3)), [3, 5, 7, 9])
 
 
+def _lax_dilated_mean(x, window, strides, pads, dilation, count_include_pad):
+    """lax's reduce_window sums over the dilated windows (NHWC), divided by the taps counted as
+    PyTorch counts them: inside the padded input, or inside the input."""
+    dims, steps, rates = (1, *window, 1), (1, *strides, 1), (1, *dilation, 1)
+    padding = ((0, 0), *pads, (0, 0))
+    window_sum = functools.partial(
+        jax.lax.reduce_window,
+        init_value=0.0,
+        computation=jax.lax.add,
+        window_dimensions=dims,
+        window_strides=steps,
+        window_dilation=rates,
+    )
+    ones = jnp.ones_like(x)
+    count = (
+        window_sum(jnp.pad(ones, padding, constant_values=1), padding="VALID")
+        if count_include_pad
+        else window_sum(ones, padding=padding)
+    )
+    return window_sum(x, padding=padding) / count
+
+
+DILATED_MEANS = [
+    # (window, strides, padding pairs, dilation)
+    ((2, 2), (1, 1), ((0, 0), (0, 0)), (2, 2)),
+    ((3, 2), (2, 1), ((2, 1), (1, 1)), (2, 3)),
+    ((2, 3), (3, 2), ((1, 1), (0, 2)), (3, 1)),
+]
+
+
+@pytest.mark.parametrize(("window", "strides", "pads", "dilation"), DILATED_MEANS)
+@pytest.mark.parametrize("impl", ["auto", "closed_form", "lax"])
+def test_avg_and_lp_pool_window_dilation_match_lax(window, strides, pads, dilation, impl):
+    """``window_dilation`` (ONNX's ``dilations`` on AveragePool and LpPool) against lax's dilated
+    ``reduce_window``: values and gradients, both divisors, and NCHW equal to NHWC."""
+    x = jnp.asarray(np.random.default_rng(0).uniform(0.5, 2.0, (2, 9, 10, 3)), jnp.float32)
+    common = {"window_dilation": dilation, "impl": impl}
+    for count_include_pad in (True, False):
+
+        def ours(x, count_include_pad=count_include_pad):
+            return avg_pool(x, window, strides, pads, count_include_pad=count_include_pad, **common)
+
+        def reference(x, count_include_pad=count_include_pad):
+            return _lax_dilated_mean(x, window, strides, pads, dilation, count_include_pad)
+
+        np.testing.assert_allclose(ours(x), reference(x), rtol=1e-5)
+        np.testing.assert_allclose(
+            jax.grad(lambda x: jnp.sum(jnp.sin(ours(x))))(x),
+            jax.grad(lambda x: jnp.sum(jnp.sin(reference(x))))(x),
+            rtol=1e-5,
+            atol=1e-6,
+        )
+    nchw = avg_pool(x.transpose(0, 3, 1, 2), window, strides, pads, layout="NCHW", **common)
+    np.testing.assert_allclose(nchw.transpose(0, 2, 3, 1), avg_pool(x, window, strides, pads, **common), rtol=1e-6)
+    window_size = math.prod(window)
+
+    def lp_reference(x):
+        return (_lax_dilated_mean(x**2, window, strides, pads, dilation, True) * window_size) ** 0.5
+
+    lp = functools.partial(lp_pool, p=2, window_shape=window, strides=strides, padding=pads, **common)
+    np.testing.assert_allclose(lp(x), lp_reference(x), rtol=1e-5)
+    np.testing.assert_allclose(
+        jax.grad(lambda x: jnp.sum(lp(x)))(x), jax.grad(lambda x: jnp.sum(lp_reference(x)))(x), rtol=1e-5, atol=1e-6
+    )
+
+
 def test_ceil_mode_keeps_windows_starting_inside():
     x = _line(range(5))
     np.testing.assert_array_equal(_flat(max_pool(x, 2)), [1, 3])
