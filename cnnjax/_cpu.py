@@ -482,7 +482,7 @@ def _tap_products(xp, taps, window, strides, dilation, groups, layout: Layout, l
         else:
             weights = weights[..., lo:hi]
         for i in range(cig):
-            w = weights[:, i].reshape(weights.shape[0], weights.shape[2], *trailing)
+            w = weights[:, i].reshape(*(1,) * c, weights.shape[0], weights.shape[2], *trailing)
             terms.append(lax.slice_in_dim(xsg, i, i + 1, axis=c + 1) * w)
     return _merge_channels(functools.reduce(jnp.add, terms), layout)
 

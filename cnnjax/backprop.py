@@ -395,7 +395,7 @@ def _output_index(w: PoolGeometry, dim: int) -> np.ndarray:
     """The output index along spatial ``dim``, shaped to broadcast over an output array."""
     shape = [1] * len(w.out)
     shape[dim] = w.out[dim]
-    return np.arange(w.out[dim]).reshape(w.layout.shape(1, shape, 1))
+    return np.arange(w.out[dim], dtype=np.int32).reshape(w.layout.shape(1, shape, 1))
 
 
 def tap_offsets(tap, w: PoolGeometry) -> list:

@@ -398,11 +398,12 @@ def _adaptive_axis(x, index, axis: int, size: int, out: int, take_max: bool):
     also when all its values are ``-inf``.
     """
     start, end = _adaptive_bins(size, out)
-    position = np.arange(size)
-    inside = (position >= start[:, None]) & (position < end[:, None])
     x = jnp.moveaxis(x, axis, -1)[..., None, :]
+    lead = (1,) * (x.ndim - 2)  # the mask, bin sizes and positions take x's rank (no rank promotion)
+    position = np.arange(size).reshape(*lead, 1, size)
+    inside = (position >= start.reshape(*lead, out, 1)) & (position < end.reshape(*lead, out, 1))
     if not take_max:
-        y = jnp.sum(jnp.where(inside, x, 0), axis=-1) / jnp.asarray(end - start, x.dtype)
+        y = jnp.sum(jnp.where(inside, x, 0), axis=-1) / jnp.asarray((end - start).reshape(*lead, out), x.dtype)
         return jnp.moveaxis(y, -1, axis), None
     masked = jnp.where(inside, x, backprop.lowest(x.dtype))
     best = lax.stop_gradient(jnp.max(masked, axis=-1, keepdims=True))

@@ -131,7 +131,7 @@ def _max(x, window, strides, padding):
 
 
 def _mean(x, window, strides, padding):
-    return lax.reduce_window(x, 0.0, lax.add, window, strides, padding) / np.prod(window)
+    return lax.reduce_window(x, 0.0, lax.add, window, strides, padding) / float(np.prod(window))
 
 
 POOL = [

@@ -129,7 +129,7 @@ def _lax_mean(layout, window, strides, pads, divisor=None):
     def fn(x):
         padding = _window(x, layout, pads, (0, 0))
         total = lax.reduce_window(x, 0.0, lax.add, _window(x, layout, window), _window(x, layout, strides), padding)
-        return total / (np.prod(window) if divisor is None else divisor)
+        return total / (float(np.prod(window)) if divisor is None else divisor)
 
     return fn
 
@@ -139,7 +139,7 @@ CONV = [
         "conv NHWC 3x3 SAME + bias",
         ((2, 7, 7, 3), (3, 3, 3, 4), (4,)),
         lambda x, k, b, impl: cnnjax.conv(x, k, b, padding="SAME", impl=impl),
-        lambda x, k, b: _conv(NHWC, padding="SAME")(x, k) + b,
+        lambda x, k, b: _conv(NHWC, padding="SAME")(x, k) + b.reshape(1, 1, 1, -1),
     ),
     Case(
         "conv NCHW 5x5/2 pad 2 dilation 2",

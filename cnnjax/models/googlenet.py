@@ -160,7 +160,7 @@ class GoogLeNet(nnx.Module):
     def __call__(self, x, train: bool | None = None):
         check_images(x, self.in_features, "GoogLeNet")
         if self.transform_input:
-            std, mean = jnp.asarray(IMAGENET_STD), jnp.asarray(IMAGENET_MEAN)
+            std, mean = (jnp.asarray(v, x.dtype).reshape(1, 1, 1, 3) for v in (IMAGENET_STD, IMAGENET_MEAN))
             x = x * (std / 0.5) + (mean - 0.5) / 0.5
         x = self.pool(self.features(x, train))
         return self.fc(self.dropout(x, deterministic=eval_flag(train)))

@@ -112,7 +112,10 @@ def make_train_step(
             return cross_entropy(logits, y, label_smoothing).mean(), (logits, model_state)
 
         (loss, (logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        # optax's own arithmetic (Adam's bias correction, decay ** count) mixes float and int: it
+        # traces with JAX's standard promotion, so a user's strict mode still trains.
+        with jax.numpy_dtype_promotion("standard"):
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         correct = jnp.sum(jnp.argmax(logits, axis=-1) == y)
         return TrainState(params, model_state, opt_state), {"loss": loss, "correct": correct}
