@@ -38,6 +38,7 @@ import numpy as np
 from flax import nnx
 
 from cnnjax import _primitives, models, nn
+from cnnjax.models.torch_weights import PRETRAINED
 
 __all__ = ["load_stablehlo", "main", "to_onnx", "to_stablehlo"]
 
@@ -399,39 +400,13 @@ def load_stablehlo(path) -> Callable:
 # ---------------------------------------------------------------------------------------------
 # cnnjax-export: a zoo model, with torchvision's weights or random ones, in either format.
 
-_PRESETS = (
-    "vgg11",
-    "vgg11_bn",
-    "vgg13",
-    "vgg13_bn",
-    "vgg16",
-    "vgg16_bn",
-    "vgg19",
-    "vgg19_bn",
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "resnet101",
-    "resnet152",
-    "resnext50_32x4d",
-    "resnext101_32x8d",
-    "wide_resnet50_2",
-    "densenet121",
-    "densenet161",
-    "densenet169",
-    "densenet201",
-    "mobilenet_v2",
-)
-
 # --model names: the zoo's presets, torchvision's names where it has the model (1000 classes, 224x224 RGB), each a
-# (constructor, input_shape); GoogLeNet as torchvision's pretrained one (transform_input=True).
+# (constructor, input_shape); torchvision's as cnnjax-predict builds them (torch_weights.PRETRAINED).
 MODELS: dict[str, tuple[Callable[..., nnx.Module], tuple[int, int, int]]] = {
     "lenet5": (functools.partial(models.LeNet5, num_classes=10), (28, 28, 1)),
     "nin": (functools.partial(models.NiN, num_classes=1000), (224, 224, 3)),
     "mobilenet_v1": (functools.partial(models.MobileNetV1, num_classes=1000), (224, 224, 3)),
-    "googlenet": (functools.partial(models.GoogLeNet, num_classes=1000, transform_input=True), (224, 224, 3)),
-    "alexnet": (functools.partial(models.AlexNet, num_classes=1000), (224, 224, 3)),
-    **{name: (functools.partial(getattr(models, name), num_classes=1000), (224, 224, 3)) for name in _PRESETS},
+    **{name: (constructor, (224, 224, 3)) for name, constructor in PRETRAINED.items()},
 }
 
 

@@ -31,6 +31,7 @@ float32.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 from collections.abc import Mapping
@@ -42,16 +43,36 @@ from flax import nnx
 
 from cnnjax import nn
 from cnnjax.init import to_torch_conv
+from cnnjax.models import densenet, resnet, vgg
 from cnnjax.models._blocks import ConvBN
 from cnnjax.models._torch_file import read_file
 from cnnjax.models.alexnet import AlexNet
 from cnnjax.models.densenet import DenseLayer, DenseNet
 from cnnjax.models.googlenet import GoogLeNet
-from cnnjax.models.mobilenet_v2 import MobileNetV2
+from cnnjax.models.mobilenet_v2 import MobileNetV2, mobilenet_v2
 from cnnjax.models.resnet import ResNet
 from cnnjax.models.vgg import VGG
 
 __all__ = ["load_torch_weights", "read_state_dict", "torch_state_dict"]
+
+# torchvision's architectures by torchvision's names, each built as its pretrained weights expect
+# (1000 classes; GoogLeNet with transform_input=True, as googlenet(weights=...)): the --model
+# choices of cnnjax-predict and cnnjax-export.
+PRETRAINED = {
+    "alexnet": functools.partial(AlexNet, num_classes=1000),
+    "googlenet": functools.partial(GoogLeNet, num_classes=1000, transform_input=True),
+    **{
+        name: functools.partial(getattr(module, name), num_classes=1000)
+        for module, names in (
+            (vgg, [f"vgg{depth}{bn}" for depth in (11, 13, 16, 19) for bn in ("", "_bn")]),
+            (resnet, ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]),
+            (resnet, ["resnext50_32x4d", "resnext101_32x8d", "wide_resnet50_2"]),
+            (densenet, ["densenet121", "densenet161", "densenet169", "densenet201"]),
+        )
+        for name in names
+    },
+    "mobilenet_v2": functools.partial(mobilenet_v2, num_classes=1000),
+}
 
 
 @dataclasses.dataclass(frozen=True)

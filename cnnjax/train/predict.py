@@ -17,7 +17,6 @@ architecture), print one line naming the problem and exit 1; bad arguments exit 
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 from importlib import resources
 from pathlib import Path
@@ -27,38 +26,10 @@ from flax import nnx
 
 from cnnjax import models
 from cnnjax.models._blocks import IMAGENET_MEAN, IMAGENET_STD
+from cnnjax.models.torch_weights import PRETRAINED
 
 # --model names: torchvision's, each a 1000-class constructor.
-MODELS = {
-    "alexnet": models.AlexNet,
-    "googlenet": functools.partial(models.GoogLeNet, transform_input=True),
-    **{
-        name: getattr(models, name)
-        for name in (
-            "vgg11",
-            "vgg11_bn",
-            "vgg13",
-            "vgg13_bn",
-            "vgg16",
-            "vgg16_bn",
-            "vgg19",
-            "vgg19_bn",
-            "resnet18",
-            "resnet34",
-            "resnet50",
-            "resnet101",
-            "resnet152",
-            "resnext50_32x4d",
-            "resnext101_32x8d",
-            "wide_resnet50_2",
-            "densenet121",
-            "densenet161",
-            "densenet169",
-            "densenet201",
-            "mobilenet_v2",
-        )
-    },
-}
+MODELS = PRETRAINED
 
 RESIZE, CROP = 256, 224
 
@@ -147,9 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         images = np.stack([load_image(path) for path in args.images])
         constructor = MODELS[args.model]
-        model = models.load_torch_weights(
-            nnx.eval_shape(lambda: constructor(num_classes=1000, rngs=nnx.Rngs(0))), args.weights
-        )
+        model = models.load_torch_weights(nnx.eval_shape(lambda: constructor(rngs=nnx.Rngs(0))), args.weights)
     except (ValueError, OSError) as err:
         print(f"cnnjax-predict: {err}", file=sys.stderr)
         return 1
